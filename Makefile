@@ -1,0 +1,32 @@
+# make install: .venv with everything pinned in requirements.lock (idempotent)
+# make run:     install, then the whole pipeline (dvc repro)
+# make test:    install, then the test suite
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# DVC runs each stage as `python -m stages.<name>`: that python must be the venv's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install run test lock clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	touch $@
+
+run: install
+	dvc repro
+
+test: install
+	$(PYTHON) -m pytest
+
+# Re-pin after changing pyproject.toml's dependencies. CUDA wheels are left to torch's own pins,
+# so that the lock also installs where they don't exist.
+lock:
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip freeze --exclude-editable | grep -viE '^(nvidia-|cuda-|triton==)' > requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)

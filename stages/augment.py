@@ -1,0 +1,122 @@
+"""Stage `augment`: split, subset and (optionally) augmented copies → data/prepared/.
+
+Reads params: seed, data.val_fraction, data.train_size, augment.*.
+
+1. A seeded, stratified train/validation split of the training images (data.val_fraction): the
+   test images stay untouched in data/raw/ for the evaluate stage.
+2. An optional stratified subset of what is left for training (data.train_size): the small-data
+   regime in which overfitting shows.
+3. augment.copies > 0 appends that many augmented copies of every training image (offline,
+   versioned data). augment.online applies the same policy to each batch during training instead.
+4. reports/augment_preview.png shows originals beside augmented versions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages import errors, io as sio, params as P
+from stages.data import Policy, augment, epoch_generator
+from stages.errors import StageError
+
+RAW = Path("data/raw")
+OUT = Path("data/prepared")
+PREVIEW = Path("reports/augment_preview.png")
+
+
+def main() -> None:
+    params = P.load()
+    images = sio.load_array(RAW / "train_images.npy")
+    labels = sio.load_array(RAW / "train_labels.npy")
+    raw_meta = sio.read_json(RAW / "meta.json")
+    classes = raw_meta["classes"]
+
+    train_idx, val_idx = stratified_split(labels, params.data.val_fraction, params.seed)
+    if params.data.train_size is not None:
+        if params.data.train_size > len(train_idx):
+            raise StageError(
+                f"data.train_size = {params.data.train_size} is larger than the training set "
+                f"({len(train_idx)} images after holding out data.val_fraction = "
+                f"{params.data.val_fraction} for validation)")
+        train_idx = stratified_subset(labels, train_idx, params.data.train_size, params.seed)
+
+    train_x, train_y = images[train_idx], labels[train_idx]
+    policy = Policy.from_params(params.augment)
+    copies = [torch.from_numpy(train_x)]
+    for k in range(1, params.augment.copies + 1):
+        copies.append(augment(copies[0], policy, epoch_generator(params.seed, 0, stream=1000 + k)))
+    train_x = torch.cat(copies).numpy()
+    train_y = np.tile(train_y, params.augment.copies + 1)
+
+    sio.save_array(OUT / "train_images.npy", train_x)
+    sio.save_array(OUT / "train_labels.npy", train_y)
+    sio.save_array(OUT / "val_images.npy", images[val_idx])
+    sio.save_array(OUT / "val_labels.npy", labels[val_idx])
+    sio.write_json(OUT / "meta.json", {
+        "classes": classes,
+        "source_sha256": raw_meta["sha256"],
+        "train_count": int(len(train_y)),
+        "train_originals": int(len(train_idx)),
+        "val_count": int(len(val_idx)),
+        "train_per_class": np.bincount(train_y, minlength=len(classes)).tolist(),
+        "val_per_class": np.bincount(labels[val_idx], minlength=len(classes)).tolist(),
+    })
+    save_preview(images[train_idx[:8]], policy, params.seed)
+    print(f"augment: {len(train_y)} training images ({len(train_idx)} originals, "
+          f"{params.augment.copies} augmented copies each), {len(val_idx)} validation images")
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int):
+    """Sorted (train indices, validation indices), the same share of each class held out."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = int(round(len(idx) * val_fraction))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def stratified_subset(labels: np.ndarray, indices: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` of `indices`, each class keeping its share (largest remainders get the leftovers)."""
+    rng = np.random.default_rng(seed + 1)
+    classes, counts = np.unique(labels[indices], return_counts=True)
+    exact = counts * size / counts.sum()
+    quota = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - quota), kind="stable")[: size - quota.sum()]:
+        quota[i] += 1
+    chosen = [rng.permutation(indices[labels[indices] == cls])[:q] for cls, q in zip(classes, quota)]
+    return np.sort(np.concatenate(chosen))
+
+
+def save_preview(originals: np.ndarray, policy: Policy, seed: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    versions = 4
+    x = torch.from_numpy(originals)
+    augmented = [augment(x, policy, epoch_generator(seed, 0, stream=2000 + v)) for v in range(versions)]
+    fig, axes = plt.subplots(len(x), versions + 1, figsize=(1.3 * (versions + 1), 1.3 * len(x)),
+                             squeeze=False)
+    for row in range(len(x)):
+        for col, batch in enumerate([x] + augmented):
+            ax = axes[row][col]
+            ax.imshow(batch[row].permute(1, 2, 0).numpy())
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title("original" if col == 0 else f"augmented {col}", fontsize=7)
+    note = "" if policy.active else " (augmentation is off: all versions equal the original)"
+    fig.suptitle(f"flip={policy.flip}, crop_padding={policy.crop_padding}{note}", fontsize=7)
+    fig.tight_layout()
+    sio.save_figure(PREVIEW, fig)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    errors.run(main)

@@ -1,0 +1,29 @@
+"""Clear one-line errors instead of tracebacks for the failures a user can fix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+
+class StageError(Exception):
+    """A failure the user can act on: bad data, an unreachable source, a limit of the data."""
+
+    exit_code = 1
+
+
+class ParamsError(StageError):
+    """params.yaml is invalid. Exit code 2, like a command-line usage error."""
+
+    exit_code = 2
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage's main(); turn a StageError into one line on stderr and its exit code."""
+    try:
+        main()
+    except StageError as exc:
+        stage = Path(main.__globals__["__file__"]).stem  # type: ignore[attr-defined]
+        print(f"error ({stage}): {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,95 @@
+"""Stage `evaluate`: the trained model on the untouched test set, logged into train's MLflow run.
+
+Reads params: mlflow.tracking_uri (to find the run's store).
+Writes metrics/eval.json: test loss and accuracy, per-class accuracy, and the generalization gap
+(train accuracy - test accuracy, both of the saved model in eval mode); reports/confusion.csv
+(one row per test image, for `dvc plots`) and reports/confusion.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages import errors, io as sio, models, params as P, tracking
+from stages.data import load_split
+
+RAW = Path("data/raw")
+MODEL = Path("models/model.pt")
+RUN = Path("models/run.json")
+TRAIN_METRICS = Path("metrics/train.json")
+METRICS = Path("metrics/eval.json")
+CONFUSION_CSV = Path("reports/confusion.csv")
+CONFUSION_PNG = Path("reports/confusion.png")
+PREVIEW = Path("reports/augment_preview.png")
+
+
+def main() -> None:
+    params = P.load()
+    checkpoint = sio.load_torch(MODEL)
+    trained_with = P.parse(checkpoint["params"])
+    classes = checkpoint["classes"]
+    test_x, test_y = load_split(RAW, "test")
+    model = models.build(trained_with.model, len(classes), image_size=test_x.shape[-1])
+    model.load_state_dict(checkpoint["state_dict"])
+
+    logits = models.predict(model, test_x)
+    test_loss, test_accuracy = models.loss_and_accuracy(logits, test_y)
+    predicted = logits.argmax(1)
+    matrix = confusion_matrix(test_y, predicted, len(classes))
+    per_class = (matrix.diagonal() / matrix.sum(1).clip(min=1)).tolist()
+    train_accuracy = sio.read_json(TRAIN_METRICS)["train_accuracy"]
+
+    metrics = {
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "generalization_gap": train_accuracy - test_accuracy,
+        "per_class_accuracy": dict(zip(classes, per_class)),
+    }
+    sio.write_json(METRICS, metrics)
+    sio.write_text(CONFUSION_CSV, "actual,predicted\n" + "".join(
+        f"{classes[a]},{classes[p]}\n" for a, p in zip(test_y.tolist(), predicted.tolist())))
+    save_confusion_png(matrix, classes, test_accuracy)
+
+    with tracking.resume_run(sio.read_json(RUN)["run_id"], params.mlflow):
+        tracking.log_metrics({"test_accuracy": test_accuracy, "test_loss": test_loss,
+                              "generalization_gap": metrics["generalization_gap"]})
+        tracking.log_metrics({f"test_accuracy.{c}": a for c, a in zip(classes, per_class)})
+        for path in [METRICS, CONFUSION_CSV, CONFUSION_PNG, PREVIEW]:
+            if path.exists():
+                tracking.log_artifact(path)
+    print(f"evaluate: test accuracy {test_accuracy:.4f}, loss {test_loss:.4f}, "
+          f"gap {metrics['generalization_gap']:+.4f}")
+
+
+def confusion_matrix(actual: torch.Tensor, predicted: torch.Tensor, n: int) -> np.ndarray:
+    """matrix[i, j] = how many images of class i were predicted as class j."""
+    return torch.bincount(actual * n + predicted, minlength=n * n).reshape(n, n).numpy()
+
+
+def save_confusion_png(matrix: np.ndarray, classes: list[str], accuracy: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="actual", title=f"test accuracy {accuracy:.3f}")
+    if len(classes) <= 20:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, matrix[i, j], ha="center", va="center", fontsize=6,
+                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    sio.save_figure(CONFUSION_PNG, fig)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    errors.run(main)

@@ -1,0 +1,152 @@
+"""Tiny data sets in both real formats, built by the tests, and a scratch working folder.
+
+The stages run from a folder holding params.yaml (DVC runs them from the repository root), so
+`workdir` makes such a folder, with the repository's own params.yaml pointed at tiny data.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog", "ship"]
+
+
+def class_images(n: int, cls: int, seed: int, size: int = 32) -> np.ndarray:
+    """n HWC uint8 images whose colour depends on the class, so a model can learn something."""
+    rng = np.random.default_rng(seed * 100 + cls)
+    base = np.zeros((n, size, size, 3), dtype=np.int16)
+    base[..., cls % 3] = 150
+    noise = rng.integers(-60, 60, size=base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def png_bytes(array: np.ndarray, mode: str = "RGB", size: int | None = None, fmt: str = "PNG") -> bytes:
+    img = Image.fromarray(array).convert(mode)
+    if size:
+        img = img.resize((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_cifar_pickle_archive(path: Path, train_per_class: int = 30, test_per_class: int = 6) -> Path:
+    """A .tar.gz in the official CIFAR-10 python layout: five data batches, a test batch, meta."""
+    def batch(per_class: int, seed: int) -> dict:
+        images = np.concatenate([class_images(per_class, c, seed) for c in range(len(CLASSES))])
+        labels = np.repeat(np.arange(len(CLASSES)), per_class)
+        order = np.random.default_rng(seed).permutation(len(labels))  # interleaved, like CIFAR
+        data = images[order].transpose(0, 3, 1, 2).reshape(len(labels), -1)
+        return {b"data": data, b"labels": labels[order].tolist(), b"batch_label": b"tiny"}
+
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(1, 6):
+            add_bytes(tar, f"cifar-10-batches-py/data_batch_{i}",
+                      pickle.dumps(batch(max(1, train_per_class // 5), seed=i)))
+        add_bytes(tar, "cifar-10-batches-py/test_batch", pickle.dumps(batch(test_per_class, seed=9)))
+        add_bytes(tar, "cifar-10-batches-py/batches.meta",
+                  pickle.dumps({b"label_names": [c.encode() for c in CLASSES]}))
+    return path
+
+
+def image_folder_files(train_per_class: int = 30, test_per_class: int = 6) -> dict[str, bytes]:
+    """{'train/cat/0000.png': bytes, ...}: PNG and JPEG, RGB and grayscale, 32 and 40 pixels."""
+    files = {}
+    for split, n, seed in [("train", train_per_class, 1), ("test", test_per_class, 2)]:
+        for c, cls in enumerate(CLASSES):
+            for i, img in enumerate(class_images(n, c, seed)):
+                if i % 5 == 3:
+                    files[f"{split}/{cls}/{i:04d}.jpg"] = png_bytes(img, size=40, fmt="JPEG")
+                elif i % 5 == 4:
+                    files[f"{split}/{cls}/{i:04d}.png"] = png_bytes(img, mode="L")
+                else:
+                    files[f"{split}/{cls}/{i:04d}.png"] = png_bytes(img)
+    return files
+
+
+def make_image_folder_archive(path: Path, prefix: str = "tiny/", **sizes) -> Path:
+    files = image_folder_files(**sizes)
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(prefix + name, data)
+    else:
+        with tarfile.open(path, "w:gz") as tar:
+            for name, data in files.items():
+                add_bytes(tar, prefix + name, data)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pickle_archive(tmp_path_factory) -> Path:
+    return make_cifar_pickle_archive(tmp_path_factory.mktemp("data") / "tiny-cifar.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def folder_archive(tmp_path_factory) -> Path:
+    return make_image_folder_archive(tmp_path_factory.mktemp("data") / "tiny-folder.tar.gz")
+
+
+def write_params(folder: Path, **overrides) -> dict:
+    """The repository's params.yaml with dotted overrides, e.g. {"train.epochs": 2}."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in overrides.items():
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+TINY = {"train.epochs": 2, "train.lr": 0.01, "data.val_fraction": 0.2}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, pickle_archive) -> Path:
+    """A scratch folder with params.yaml on tiny data; the stages' relative paths land here."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    write_params(tmp_path, **{"data.source": str(pickle_archive), **TINY})
+    return tmp_path
+
+
+def run_stage(name: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m stages.<name>` in a subprocess, as DVC runs it."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repository's files as a user's clone would have them (tracked + not ignored)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, listed.split("\0")):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest

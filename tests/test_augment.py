@@ -1,0 +1,102 @@
+"""The augment stage: split, subset, offline copies; and the batched augmentation itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_params
+from stages import augment as augment_stage, download
+from stages.data import Policy, augment, epoch_generator, random_crop
+from stages.errors import StageError
+
+
+def prepare(workdir, **overrides) -> dict:
+    write_params(workdir, **overrides)
+    if not (workdir / "data/raw").exists():
+        download.main()
+    augment_stage.main()
+    return {p.stem: np.load(p) for p in (workdir / "data/prepared").glob("*.npy")}
+
+
+def test_split_is_stratified_and_disjoint(workdir, pickle_archive):
+    out = prepare(workdir, **{"data.source": str(pickle_archive), "data.val_fraction": 0.2})
+    assert np.bincount(out["val_labels"]).tolist() == [6, 6, 6]
+    assert np.bincount(out["train_labels"]).tolist() == [24, 24, 24]
+    raw = np.load(workdir / "data/raw/train_images.npy").reshape(90, -1)
+    train_rows = {r.tobytes() for r in out["train_images"].reshape(72, -1)}
+    val_rows = {r.tobytes() for r in out["val_images"].reshape(18, -1)}
+    assert not train_rows & val_rows
+    assert train_rows | val_rows == {r.tobytes() for r in raw}
+
+
+def test_split_depends_on_seed_only(workdir, pickle_archive):
+    a = prepare(workdir, **{"data.source": str(pickle_archive), "seed": 1})
+    b = prepare(workdir, **{"data.source": str(pickle_archive), "seed": 1})
+    c = prepare(workdir, **{"data.source": str(pickle_archive), "seed": 2})
+    assert np.array_equal(a["val_images"], b["val_images"])
+    assert not np.array_equal(a["val_images"], c["val_images"])
+
+
+def test_train_size_subset_is_stratified(workdir, pickle_archive):
+    out = prepare(workdir, **{"data.source": str(pickle_archive), "data.val_fraction": 0.2,
+                              "data.train_size": 31})
+    counts = np.bincount(out["train_labels"]).tolist()
+    assert sum(counts) == 31 and max(counts) - min(counts) <= 1
+    assert len(out["val_labels"]) == 18  # the validation set does not shrink with the subset
+
+
+def test_train_size_larger_than_data_is_a_clear_error(workdir, pickle_archive):
+    with pytest.raises(StageError, match=r"data.train_size = 500 is larger than the training set \(72 images"):
+        prepare(workdir, **{"data.source": str(pickle_archive), "data.val_fraction": 0.2,
+                            "data.train_size": 500})
+
+
+def test_offline_copies(workdir, pickle_archive):
+    out = prepare(workdir, **{"data.source": str(pickle_archive), "data.val_fraction": 0.2,
+                              "augment.copies": 2, "augment.flip": True, "augment.crop_padding": 4})
+    n = 72
+    assert out["train_images"].shape[0] == 3 * n
+    assert np.array_equal(out["train_labels"][:n], out["train_labels"][n:2 * n])
+    assert not np.array_equal(out["train_images"][:n], out["train_images"][n:2 * n])
+    assert not np.array_equal(out["train_images"][n:2 * n], out["train_images"][2 * n:])
+    assert (workdir / "reports/augment_preview.png").stat().st_size > 1000
+
+
+def test_crop_takes_a_window_of_the_zero_padded_image():
+    images = torch.randint(1, 255, (64, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop(images, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    offsets = set()
+    for i in range(len(images)):
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i])]
+        assert windows, f"image {i} is not a crop of its padded version"
+        offsets.add(windows[0])
+    assert len(offsets) > 10  # one random offset per image, not one for the whole batch
+
+
+def test_flip_mirrors_about_half_the_images():
+    images = torch.randint(0, 255, (400, 3, 8, 8), dtype=torch.uint8)
+    out = augment(images, Policy(flip=True), torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], images[i].flip(-1)) for i in range(400)]
+    kept = [torch.equal(out[i], images[i]) for i in range(400)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 150 < sum(flipped) < 250
+
+
+def test_augmentation_is_reproducible_and_differs_between_epochs():
+    images = torch.randint(0, 255, (50, 3, 16, 16), dtype=torch.uint8)
+    policy = Policy(flip=True, crop_padding=4)
+    epoch1 = augment(images, policy, epoch_generator(seed=0, epoch=1))
+    again = augment(images, policy, epoch_generator(seed=0, epoch=1))
+    epoch2 = augment(images, policy, epoch_generator(seed=0, epoch=2))
+    assert torch.equal(epoch1, again)
+    assert not torch.equal(epoch1, epoch2)
+
+
+def test_no_policy_is_the_identity():
+    images = torch.randint(0, 255, (5, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(augment(images, Policy(), torch.Generator()), images)

@@ -1,0 +1,93 @@
+"""The whole pipeline through DVC, in a scratch git repository made from this one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, copy_repo, write_params
+
+BIN = Path(sys.executable).parent  # the venv's: dvc, and the `python` that DVC's stages call
+
+
+def sh(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for var in ("DVC_ROOT", "DVC_EXP_NAME", "MLFLOW_TRACKING_URI"):
+        env.pop(var, None)
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    return result
+
+
+def ok(repo: Path, *cmd: str) -> str:
+    result = sh(repo, *cmd)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def runs(repo: Path):
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("overfitting")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, pickle_archive) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("clone"))
+    write_params(repo, **{"data.source": str(pickle_archive), **TINY})
+    ok(repo, "git", "init", "-q", "-b", "main")
+    ok(repo, "git", "config", "user.email", "test@example.com")
+    ok(repo, "git", "config", "user.name", "test")
+    ok(repo, "git", "add", "-A")
+    ok(repo, "git", "commit", "-q", "-m", "tiny data")
+    return repo
+
+
+def test_repro_runs_every_stage_into_one_mlflow_run(repo):
+    out = ok(repo, "dvc", "repro")
+    for stage in ("download", "augment", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    for path in ("data/raw/train_images.npy", "data/prepared/val_labels.npy", "models/model.pt",
+                 "metrics/train.json", "metrics/eval.json", "reports/confusion.png",
+                 "reports/augment_preview.png", "dvc.lock"):
+        assert (repo / path).exists(), path
+    (run,) = runs(repo)
+    assert "test_accuracy" in run.data.metrics and run.data.params["train.lr"] == "0.01"
+    assert run.data.tags["git.commit"] == ok(repo, "git", "rev-parse", "HEAD").strip()
+    # The store and its artifacts are neither in git's nor in DVC's view.
+    status = ok(repo, "git", "status", "--porcelain", "--ignored")
+    assert "!! mlflow.db" in status and "!! mlruns/" in status
+
+
+def test_second_repro_does_nothing(repo):
+    out = ok(repo, "dvc", "repro")
+    assert "Running stage" not in out
+    assert "Data and pipelines are up to date" in out
+    assert len(runs(repo)) == 1
+    assert ok(repo, "dvc", "status").strip() == "Data and pipelines are up to date."
+
+
+def test_dvc_metrics_and_plots_read_the_outputs(repo):
+    metrics = json.loads(ok(repo, "dvc", "metrics", "show", "--json"))
+    flat = json.dumps(metrics)
+    assert "test_accuracy" in flat and "val_accuracy" in flat and "generalization_gap" in flat
+    ok(repo, "dvc", "plots", "show", "-o", str(repo / "plots-html"))
+    assert (repo / "plots-html" / "index.html").exists()
+
+
+def test_exp_run_with_a_param_adds_a_second_run(repo):
+    ok(repo, "git", "add", "-A")
+    ok(repo, "git", "commit", "-q", "-m", "baseline results")
+    out = ok(repo, "dvc", "exp", "run", "-S", "train.lr=0.02")
+    assert "Running stage 'train'" in out and "Running stage 'download'" not in out
+    first, second = runs(repo)
+    assert second.data.params["train.lr"] == "0.02"
+    names = ok(repo, "dvc", "exp", "list", "--name-only").split()
+    assert second.info.run_name in names
+    assert second.data.tags["dvc.exp_name"] == second.info.run_name
+    assert "test_accuracy" in second.data.metrics

@@ -1,0 +1,141 @@
+"""train and evaluate on tiny data: outputs, the one MLflow run, and bit-for-bit determinism."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, TINY, write_params
+from stages import augment, download, evaluate, io as sio, models, params as P, train
+
+
+def run_pipeline(workdir, **overrides) -> None:
+    write_params(workdir, **{**TINY, **overrides})
+    download.main()
+    augment.main()
+    train.main()
+    evaluate.main()
+
+
+def client(workdir) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+@pytest.fixture
+def finished(workdir, pickle_archive):
+    run_pipeline(workdir, **{"data.source": str(pickle_archive), "train.epochs": 3})
+    return workdir
+
+
+def test_net_is_the_source_network():
+    net = models.Net()
+    shapes = [tuple(p.shape) for p in net.parameters()]
+    assert shapes == [(6, 3, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,),
+                      (84, 120), (84,), (10, 84), (10,)]
+    assert models.count_parameters(net) == 62006
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_defaults_are_the_source_recipe():
+    params = P.Params()
+    assert (params.model.name, params.train.optimizer, params.train.lr, params.train.momentum,
+            params.train.batch_size, params.train.epochs) == ("net", "sgd", 0.001, 0.9, 100, 10)
+    assert not params.augment.flip and params.augment.crop_padding == 0 and params.augment.copies == 0
+    assert P.load(REPO / "params.yaml") == params  # params.yaml and the schema agree
+
+
+def test_outputs_and_metrics(finished):
+    t = json.loads((finished / "metrics/train.json").read_text())
+    e = json.loads((finished / "metrics/eval.json").read_text())
+    for key in ("train_accuracy", "val_accuracy", "train_loss", "val_loss", "epochs_run", "best_epoch"):
+        assert key in t
+    assert t["epochs_run"] == 3 and 1 <= t["best_epoch"] <= 3
+    for key in ("train_accuracy", "val_accuracy"):
+        assert 0 <= t[key] <= 1
+    assert 0 <= e["test_accuracy"] <= 1 and e["test_loss"] > 0
+    assert e["generalization_gap"] == pytest.approx(t["train_accuracy"] - e["test_accuracy"])
+    assert set(e["per_class_accuracy"]) == {"cat", "dog", "ship"}
+
+    curves = (finished / "reports/train_curves.csv").read_text().splitlines()
+    assert curves[0] == "epoch,train_loss,train_accuracy,val_loss,val_accuracy" and len(curves) == 4
+    confusion = (finished / "reports/confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 1 + 18
+
+    checkpoint = sio.load_torch(finished / "models/model.pt")  # weights_only=True
+    assert checkpoint["classes"] == ["cat", "dog", "ship"]
+    assert P.parse(checkpoint["params"]).train.epochs == 3
+
+
+def test_one_mlflow_run_holds_everything(finished):
+    c = client(finished)
+    experiment = c.get_experiment_by_name("overfitting")
+    runs = c.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == json.loads((finished / "models/run.json").read_text())["run_id"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.01" and run.data.params["model.name"] == "net"
+    assert run.data.params["data.source"].endswith("tiny-cifar.tar.gz")
+    history = c.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2, 3]
+    for name in ("train_loss", "train_accuracy", "val_loss", "gap", "epoch_seconds"):
+        assert len(c.get_metric_history(run.info.run_id, name)) == 3
+    for name in ("test_accuracy", "test_loss", "generalization_gap", "final_train_accuracy", "num_parameters"):
+        assert name in run.data.metrics
+    assert "git.commit" in run.data.tags and "params_hash" in run.data.tags
+    assert "data.sha256" in run.data.tags
+
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"params.yaml", "train.json", "train_curves.csv", "train_curves.png", "eval.json",
+            "confusion.png", "confusion.csv", "augment_preview.png"} <= artifacts
+    # The logged model loads back and predicts a batch of any size.
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert model(torch.zeros(5, 3, 32, 32)).shape == (5, 3)
+
+
+def test_same_params_same_bytes(workdir, pickle_archive):
+    run_pipeline(workdir, **{"data.source": str(pickle_archive)})
+    first = {p: (workdir / p).read_bytes() for p in
+             ["metrics/train.json", "metrics/eval.json", "models/model.pt", "reports/train_curves.csv"]}
+    train.main()
+    evaluate.main()
+    for path, data in first.items():
+        assert (workdir / path).read_bytes() == data, path
+    assert len(client(workdir).search_runs([client(workdir).get_experiment_by_name("overfitting").experiment_id])) == 2
+
+
+def test_other_seed_other_model(workdir, pickle_archive):
+    run_pipeline(workdir, **{"data.source": str(pickle_archive)})
+    first = (workdir / "models/model.pt").read_bytes()
+    write_params(workdir, **{**TINY, "data.source": str(pickle_archive), "seed": 7})
+    train.main()
+    assert (workdir / "models/model.pt").read_bytes() != first
+
+
+def test_run_name_and_tags_from_dvc_environment(workdir, pickle_archive, monkeypatch, tmp_path_factory):
+    main_repo = tmp_path_factory.mktemp("main-repo")
+    monkeypatch.setenv("DVC_EXP_NAME", "zesty-lark")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    monkeypatch.setenv("DVC_ROOT", str(main_repo))  # a queued experiment's temporary workspace
+    run_pipeline(workdir, **{"data.source": str(pickle_archive), "train.epochs": 1})
+    assert not (workdir / "mlflow.db").exists()
+    run = client(main_repo).search_runs([client(main_repo).get_experiment_by_name("overfitting").experiment_id])[0]
+    assert run.info.run_name == "zesty-lark"
+    assert run.data.tags["dvc.exp_name"] == "zesty-lark"
+    assert run.data.tags["dvc.baseline_rev"] == "abc123"
+    assert "test_accuracy" in run.data.metrics  # evaluate found the run in the main store too
+    assert (main_repo / "mlruns").is_dir()  # artifacts beside the store, not in the workspace
+
+
+def test_tracking_uri_from_environment_wins(workdir, pickle_archive, monkeypatch, tmp_path):
+    store = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    run_pipeline(workdir, **{"data.source": str(pickle_archive), "train.epochs": 1,
+                             "mlflow.experiment": "env-test"})
+    assert store.exists() and not (workdir / "mlflow.db").exists()
+    c = MlflowClient(f"sqlite:///{store}")
+    assert len(c.search_runs([c.get_experiment_by_name("env-test").experiment_id])) == 1
