@@ -6,6 +6,8 @@ PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # DVC runs each stage as `python -m stages.<name>`: that python must be the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# No network access but the data download: no usage telemetry from MLflow.
+export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: install run test lock clean-venv
 

@@ -62,7 +62,8 @@ def main() -> None:
             tracking.log_metrics({**row, "train_batch_loss": batch_loss, "epoch_seconds": seconds,
                                   "gap": row["train_accuracy"] - row["val_accuracy"]}, step=epoch)
             print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-                  f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s")
+                  f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s",
+                  flush=True)
 
         best = max(history, key=lambda r: (r["val_accuracy"], -r["epoch"]))
         final = history[-1]
