@@ -1,11 +1,12 @@
 """Stage `augment`: split, subset and (optionally) augmented copies → data/prepared/.
 
-Reads params: seed, data.val_fraction, data.train_size, augment.*.
+Reads params: seed, data.val_fraction, data.train_size, data.imbalance_ratio, augment.*.
 
 1. A seeded, stratified train/validation split of the training images (data.val_fraction): the
    test images stay untouched in data/raw/ for the evaluate stage.
 2. An optional stratified subset of what is left for training (data.train_size): the small-data
-   regime in which overfitting shows.
+   regime in which overfitting shows; then, optionally, a long-tailed version of it
+   (data.imbalance_ratio).
 3. augment.copies > 0 appends that many augmented copies of every training image (offline,
    versioned data). augment.online applies the same policy to each batch during training instead.
 4. reports/augment_preview.png shows originals beside augmented versions.
@@ -42,6 +43,8 @@ def main() -> None:
                 f"({len(train_idx)} images after holding out data.val_fraction = "
                 f"{params.data.val_fraction} for validation)")
         train_idx = stratified_subset(labels, train_idx, params.data.train_size, params.seed)
+    if params.data.imbalance_ratio > 1:
+        train_idx = long_tailed(labels, train_idx, params.data.imbalance_ratio, params.seed)
 
     train_x, train_y = images[train_idx], labels[train_idx]
     policy = Policy.from_params(params.augment)
@@ -91,6 +94,19 @@ def stratified_subset(labels: np.ndarray, indices: np.ndarray, size: int, seed: 
         quota[i] += 1
     chosen = [rng.permutation(indices[labels[indices] == cls])[:q] for cls, q in zip(classes, quota)]
     return np.sort(np.concatenate(chosen))
+
+
+def long_tailed(labels: np.ndarray, indices: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Class k of K keeps n_max * ratio^(-k/(K-1)) images: the first class keeps n_max (the size
+    of the smallest class), the last n_max / ratio. A long tail, as in Cui et al. (2019)."""
+    rng = np.random.default_rng(seed + 2)
+    classes, counts = np.unique(labels[indices], return_counts=True)
+    n_max = counts.min()
+    kept = []
+    for k, cls in enumerate(classes):
+        n = max(1, int(round(n_max * ratio ** (-k / max(1, len(classes) - 1)))))
+        kept.append(rng.permutation(indices[labels[indices] == cls])[:n])
+    return np.sort(np.concatenate(kept))
 
 
 def save_preview(originals: np.ndarray, policy: Policy, seed: int) -> None:

@@ -8,11 +8,13 @@ gathering shifted rows and columns, flip with a mask.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from stages import io as sio
 
@@ -35,22 +37,33 @@ class Policy:
 
     flip: bool = False  # horizontal flip with probability 0.5
     crop_padding: int = 0  # pixels of zero padding around the image before a random crop
+    trivial_augment: bool = False  # TrivialAugmentWide: one random op, random strength, per image
+    color_jitter: float = 0.0  # brightness, contrast and saturation factors drawn from [1-s, 1+s]
+    erasing: float = 0.0  # probability of erasing one random rectangle per image
 
     @classmethod
     def from_params(cls, augment) -> "Policy":
-        return cls(flip=augment.flip, crop_padding=augment.crop_padding)
+        return cls(flip=augment.flip, crop_padding=augment.crop_padding,
+                   trivial_augment=augment.trivial_augment, color_jitter=augment.color_jitter,
+                   erasing=augment.erasing)
 
     @property
     def active(self) -> bool:
-        return self.flip or self.crop_padding > 0
+        return self != Policy()
 
 
 def augment(images: torch.Tensor, policy: Policy, generator: torch.Generator) -> torch.Tensor:
-    """A new tensor: each image randomly cropped and flipped. Labels are unchanged by design."""
+    """A new uint8 tensor, each image transformed with its own random draw. Labels don't change."""
     if policy.crop_padding > 0:
         images = random_crop(images, policy.crop_padding, generator)
     if policy.flip:
         images = random_flip(images, generator)
+    if policy.trivial_augment:
+        images = trivial_augment(images, generator)
+    if policy.color_jitter > 0:
+        images = color_jitter(images, policy.color_jitter, generator)
+    if policy.erasing > 0:
+        images = random_erasing(images, policy.erasing, generator)
     return images
 
 
@@ -70,6 +83,68 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = torch.rand(images.shape[0], generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's TrivialAugmentWide with one draw per image, applied group-wise.
+
+    v2.TrivialAugmentWide draws one (op, magnitude) for everything it is given, so calling it on a
+    batch would transform every image alike. Here each image draws its own op, magnitude bin and
+    sign from `generator`; images that drew the same triple go through torchvision's op together,
+    so the work is a few hundred batched calls per epoch, not one call per image.
+    """
+    ta = v2.TrivialAugmentWide()
+    space = list(ta._AUGMENTATION_SPACE.items())
+    bins = ta.num_magnitude_bins
+    n, _, h, w = images.shape
+    op = torch.randint(len(space), (n,), generator=generator)
+    level = torch.randint(bins, (n,), generator=generator)
+    negative = torch.rand(n, generator=generator) < 0.5
+    out = images.clone()
+    for key in torch.unique(op * 2 * bins + level * 2 + negative.long()).tolist():
+        which = (op * 2 * bins + level * 2 + negative.long()) == key
+        name, (magnitudes_fn, signed) = space[key // (2 * bins)]
+        magnitudes = magnitudes_fn(bins, h, w)
+        magnitude = 0.0 if magnitudes is None else float(magnitudes[(key // 2) % bins])
+        if signed and key % 2:
+            magnitude = -magnitude
+        out[which] = ta._apply_image_or_video_transform(
+            images[which], name, magnitude, interpolation=ta.interpolation, fill=ta._fill)
+    return out
+
+
+def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Per-image brightness, contrast and saturation, each factor uniform in [1-s, 1+s]."""
+    n = images.shape[0]
+
+    def factors() -> torch.Tensor:
+        return (1 + strength * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)).clamp(min=0)
+
+    x = images.float() / 255
+    x = (x * factors()).clamp(0, 1)  # brightness: scale towards black
+    mean = v2.functional.rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * factors() + mean).clamp(0, 1)  # contrast: blend with the mean grey
+    gray = v2.functional.rgb_to_grayscale(x)
+    x = ((x - gray) * factors() + gray).clamp(0, 1)  # saturation: blend with the grey image
+    return (x * 255).round().to(torch.uint8)
+
+
+def random_erasing(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0), one rectangle per image."""
+    n, _, h, w = images.shape
+    erase = torch.rand(n, generator=generator) < p
+    area = 0.02 + 0.31 * torch.rand(n, generator=generator)
+    log_ratio = math.log(0.3) + (math.log(3.3) - math.log(0.3)) * torch.rand(n, generator=generator)
+    eh = (area * log_ratio.exp()).sqrt().mul(h).round().clamp(1, h).long()
+    ew = (area / log_ratio.exp()).sqrt().mul(w).round().clamp(1, w).long()
+    top = (torch.rand(n, generator=generator) * (h - eh + 1)).long()
+    left = (torch.rand(n, generator=generator) * (w - ew + 1)).long()
+    rows = torch.arange(h)[None, :]
+    cols = torch.arange(w)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # n × h
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # n × w
+    mask = (in_rows[:, :, None] & in_cols[:, None, :] & erase[:, None, None])[:, None]
+    return images.masked_fill(mask, 0)
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:

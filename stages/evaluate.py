@@ -32,7 +32,7 @@ def main() -> None:
     trained_with = P.parse(checkpoint["params"])
     classes = checkpoint["classes"]
     test_x, test_y = load_split(RAW, "test")
-    model = models.build(trained_with.model, len(classes), image_size=test_x.shape[-1])
+    model = models.build(trained_with, len(classes), image_size=test_x.shape[-1])
     model.load_state_dict(checkpoint["state_dict"])
 
     logits = models.predict(model, test_x)

@@ -1,7 +1,8 @@
 """The networks, and inference in large batches.
 
 `net` is exactly the source document's network: conv 3→6 (5×5), max-pool 2, conv 6→16 (5×5),
-max-pool 2, fully connected 400→120→84→classes, ReLU. It expects 32×32 inputs.
+max-pool 2, fully connected 400→120→84→classes, ReLU. It expects 32×32 inputs. `cnn` is a plain
+configurable CNN for the model-size study: depth, width, batch norm.
 """
 
 from __future__ import annotations
@@ -15,31 +16,103 @@ from stages.errors import StageError
 
 
 class Net(nn.Module):
-    def __init__(self, num_classes: int = 10):
+    """The source network. width scales every layer; dropout layers exist only when p > 0, so the
+    defaults build exactly the source's modules (and the same initialization under a seed)."""
+
+    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.0,
+                 conv_dropout: float = 0.0):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
+        c1, c2, h1, h2 = (max(1, round(n * width)) for n in (6, 16, 120, 84))
+        self.conv1 = nn.Conv2d(3, c1, 5)
         self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
+        self.conv2 = nn.Conv2d(c1, c2, 5)
+        self.fc1 = nn.Linear(c2 * 5 * 5, h1)
+        self.fc2 = nn.Linear(h1, h2)
+        self.fc3 = nn.Linear(h2, num_classes)
+        self.conv_drop = nn.Dropout2d(conv_dropout) if conv_dropout else nn.Identity()
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
+        x = self.conv_drop(self.pool(F.relu(self.conv1(x))))
+        x = self.conv_drop(self.pool(F.relu(self.conv2(x))))
         x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
+        x = self.drop(F.relu(self.fc1(x)))
+        x = self.drop(F.relu(self.fc2(x)))
         return self.fc3(x)
 
 
-def build(model_params, num_classes: int, image_size: int) -> nn.Module:
-    if model_params.name == "net":
+class CNN(nn.Module):
+    """depth blocks of 3×3 conv (32·width·2^i channels), [batch norm], ReLU, max-pool 2,
+    [spatial dropout]; then global average pooling, [dropout] and one dense layer."""
+
+    def __init__(self, num_classes: int = 10, depth: int = 3, width: float = 1.0,
+                 batch_norm: bool = False, dropout: float = 0.0, conv_dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for i in range(depth):
+            out = max(1, round(32 * width * 2 ** i))
+            layers.append(nn.Conv2d(channels, out, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out))
+            # Identity when off, so that the state dict's keys don't depend on dropout.
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                       nn.Dropout2d(conv_dropout) if conv_dropout else nn.Identity()]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Dropout(dropout) if dropout else nn.Identity(),
+                                  nn.Linear(channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class Normalized(nn.Module):
+    """(x - mean) / std per channel, then the network: the saved model takes [0, 1] pixels."""
+
+    def __init__(self, net: nn.Module, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def build(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module:
+    """The network that params.model names; wrapped in Normalized when data.normalize=dataset."""
+    m = params.model
+    if m.name == "net":
         if image_size != 32:
             raise StageError(f"model.name = net needs data.image_size = 32 (got {image_size}): "
                              "its first dense layer expects 16×5×5 features")
-        return Net(num_classes)
-    raise StageError(f"model.name = {model_params.name!r} is not built here")
+        net: nn.Module = Net(num_classes, m.width, m.dropout, m.conv_dropout)
+    elif m.name == "cnn":
+        if image_size < 2 ** m.depth:
+            raise StageError(f"model.depth = {m.depth} halves the image {m.depth} times: "
+                             f"needs data.image_size >= {2 ** m.depth} (got {image_size})")
+        net = CNN(num_classes, m.depth, m.width, m.batch_norm, m.dropout, m.conv_dropout)
+    else:
+        raise StageError(f"model.name = {m.name!r} is not built here")
+    if params.data.normalize == "dataset":
+        return Normalized(net, *(mean_std or ((0.0,) * 3, (1.0,) * 3)))
+    return net
+
+
+def channel_mean_std(images: torch.Tensor, chunk: int = 10_000):
+    """Per-channel mean and std of uint8 images on the [0, 1] scale, without a float copy of all."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].double() / 255
+        total += x.sum(dim=(0, 2, 3))
+        squares += (x * x).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (squares / count - mean ** 2).clamp(min=1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -34,25 +34,57 @@ class Data(Section):
     # all 50,000 images, and holding out 10% cost it 3 points of test accuracy (seed 0: 35.5% vs 38.4%).
     val_fraction: float = Field(0.02, gt=0, lt=1)
     train_size: int | None = Field(None, ge=1)  # stratified training subset; null = all images
+    # Long-tailed training set: largest class / smallest class, counts falling off exponentially
+    # with the class index. 1 = balanced.
+    imbalance_ratio: float = Field(1.0, ge=1)
+    normalize: Literal["none", "dataset"] = "none"  # dataset: per-channel mean/std of the training set
 
 
 class Augment(Section):
     flip: bool = False  # random horizontal flip, p = 0.5
     crop_padding: int = Field(0, ge=0, le=16)  # pixels of zero padding before a random crop; 0 = off
-    online: bool = False  # apply the policy to every training batch, anew each epoch
+    trivial_augment: bool = False  # TrivialAugmentWide: one random op of random strength per image
+    color_jitter: float = Field(0.0, ge=0, le=1)  # brightness/contrast/saturation factors in [1-s, 1+s]
+    erasing: float = Field(0.0, ge=0, le=1)  # probability of erasing a random rectangle (cutout)
+    mixup_alpha: float = Field(0.0, ge=0)  # Beta(a, a) mixing of image pairs and labels; 0 = off
+    cutmix_alpha: float = Field(0.0, ge=0)  # Beta(a, a) area pasted between pairs; 0 = off
+    online: bool = False  # apply the image policy to every training batch, anew each epoch
     copies: int = Field(0, ge=0, le=20)  # augmented copies of each training image, made offline
 
 
 class Model(Section):
-    name: Literal["net"] = "net"  # net: the source's LeNet-style network
+    name: Literal["net", "cnn"] = "net"  # net: the source's LeNet-style network; cnn: configurable
+    width: float = Field(1.0, gt=0, le=16)  # multiplies every layer's channels and units
+    depth: int = Field(3, ge=1, le=5)  # cnn: conv blocks (3×3 conv, [batch norm], ReLU, max-pool 2)
+    batch_norm: bool = False  # cnn: batch norm after each convolution
+    dropout: float = Field(0.0, ge=0, lt=1)  # p of dropout before each dense layer
+    conv_dropout: float = Field(0.0, ge=0, lt=1)  # p of spatial dropout after each conv block
+
+
+class EarlyStopping(Section):
+    enabled: bool = False
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"  # also defines best_epoch
+    patience: int = Field(5, ge=1)  # epochs without improvement before stopping
+    min_delta: float = Field(0.0, ge=0)  # smaller changes don't count as improvement
+    restore_best: bool = True  # save the best epoch's weights, not the last
 
 
 class Train(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(100, ge=1)
-    optimizer: Literal["sgd"] = "sgd"
-    lr: float = Field(0.001, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.001, gt=0)  # peak learning rate
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    weight_decay: float = Field(0.0, ge=0)  # the optimizer's decay (decoupled for adamw)
+    l1: float = Field(0.0, ge=0)  # loss += l1 * sum |w| over weights (not biases or norm layers)
+    l2: float = Field(0.0, ge=0)  # loss += l2 * sum w^2 over the same weights
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighting: Literal["none", "balanced"] = "none"  # balanced: weight_c = N / (K * n_c)
+    schedule: Literal["none", "cosine", "step", "onecycle"] = "none"  # learning-rate schedule, per step
+    step_epochs: int = Field(10, ge=1)  # schedule=step: multiply the lr by step_gamma every this many epochs
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: int = Field(0, ge=0)  # linear warm-up from 0 (none/cosine/step; onecycle has its own)
+    early_stopping: EarlyStopping = EarlyStopping()
     threads: int = Field(0, ge=0)  # PyTorch CPU threads; 0 = every core this process may use
 
 

@@ -1,6 +1,7 @@
 """Stage `train`: build the model, train, validate every epoch, log it all to one MLflow run.
 
-Reads params: seed, model.*, train.*, augment.flip/crop_padding/online, mlflow.*.
+Reads params: seed, data.normalize, model.*, train.*, augment.* (the online policy, mixup and
+cutmix), mlflow.*.
 Writes models/model.pt (state dict + the params it was trained with), models/run.json (the MLflow
 run id, for evaluate), metrics/train.json and reports/train_curves.{csv,png}.
 
@@ -13,6 +14,7 @@ average blurred by dropout and augmentation.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -23,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stages import errors, io as sio, models, params as P, tracking
+from stages import errors, io as sio, models, params as P, regularize, tracking
 from stages.data import Policy, augment, epoch_generator, load_split, to_float
+from stages.errors import StageError
 
 PREPARED = Path("data/prepared")
 MODEL = Path("models/model.pt")
@@ -42,35 +45,57 @@ def main() -> None:
 
     train_x, train_y = load_split(PREPARED, "train")
     val_x, val_y = load_split(PREPARED, "val")
-    meta = sio.read_json(PREPARED / "meta.json")
-    model = models.build(params.model, len(meta["classes"]), image_size=train_x.shape[-1])
+    classes = sio.read_json(PREPARED / "meta.json")["classes"]
+    source_sha256 = sio.read_json(PREPARED / "meta.json").get("source_sha256")
+    mean_std = models.channel_mean_std(train_x) if params.data.normalize == "dataset" else None
+    model = models.build(params, len(classes), image_size=train_x.shape[-1], mean_std=mean_std)
+    steps_per_epoch = math.ceil(len(train_x) / params.train.batch_size)
     optimizer = make_optimizer(params.train, model)
+    scheduler = make_scheduler(params.train, optimizer, steps_per_epoch)
+    class_weights = (regularize.balanced_class_weights(train_y, len(classes))
+                     if params.train.class_weighting == "balanced" else None)
+    loss_fn = make_loss(params.train, model, class_weights)
     policy = Policy.from_params(params.augment) if params.augment.online else Policy()
+    mixer = regularize.label_mixer(params.augment.mixup_alpha, params.augment.cutmix_alpha, len(classes))
+    stopper = EarlyStopping(**params.train.early_stopping.model_dump(exclude={"enabled", "restore_best"}))
+    restore_best = params.train.early_stopping.enabled and params.train.early_stopping.restore_best
+    best_state = None
 
     history: list[dict] = []
-    with tracking.start_run(params, meta.get("source_sha256")) as run:
+    with tracking.start_run(params, source_sha256) as run:
         tracking.log_metrics({"num_parameters": models.count_parameters(model)})
         for epoch in range(1, params.train.epochs + 1):
+            torch.manual_seed(params.seed * 1_000_003 + epoch)  # dropout, mixup: replayable per epoch
             start = time.perf_counter()
-            batch_loss = train_one_epoch(model, train_x, train_y, optimizer, params.train.batch_size,
-                                         policy, epoch_generator(params.seed, epoch),
+            batch_loss = train_one_epoch(model, train_x, train_y, optimizer, scheduler, loss_fn,
+                                         params.train.batch_size, policy, mixer,
+                                         epoch_generator(params.seed, epoch),
                                          desc=f"epoch {epoch}/{params.train.epochs}")
             seconds = time.perf_counter() - start
             row = {"epoch": epoch, **measure(model, train_x, train_y, "train"),
                    **measure(model, val_x, val_y, "val")}
             history.append(row)
             tracking.log_metrics({**row, "train_batch_loss": batch_loss, "epoch_seconds": seconds,
-                                  "gap": row["train_accuracy"] - row["val_accuracy"]}, step=epoch)
+                                  "gap": row["train_accuracy"] - row["val_accuracy"],
+                                  "lr": optimizer.param_groups[0]["lr"]}, step=epoch)
             print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
                   f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s",
                   flush=True)
+            if stopper.update(epoch, row[stopper.monitor]) and restore_best:
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            if params.train.early_stopping.enabled and stopper.should_stop:
+                print(f"early stopping: {stopper.monitor} has not improved for "
+                      f"{stopper.patience} epochs; best epoch {stopper.best_epoch}", flush=True)
+                break
 
-        best = max(history, key=lambda r: (r["val_accuracy"], -r["epoch"]))
-        final = history[-1]
-        summary = {**{k: final[k] for k in CURVE_COLUMNS[1:]}, "epochs_run": len(history),
-                   "best_epoch": best["epoch"], "num_parameters": models.count_parameters(model)}
+        saved = history[-1]
+        if best_state is not None:
+            model.load_state_dict(best_state)
+            saved = history[stopper.best_epoch - 1]
+        summary = {**{k: saved[k] for k in CURVE_COLUMNS[1:]}, "epochs_run": len(history),
+                   "best_epoch": stopper.best_epoch, "num_parameters": models.count_parameters(model)}
         sio.save_torch(MODEL, {"state_dict": model.state_dict(), "params": params.model_dump(),
-                               "classes": meta["classes"], "epoch": final["epoch"]})
+                               "classes": classes, "epoch": saved["epoch"]})
         sio.write_json(METRICS, summary)
         sio.write_text(CURVES, curves_csv(history))
         save_curves_png(history)
@@ -83,12 +108,53 @@ def main() -> None:
 
 
 def make_optimizer(train: P.Train, model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=train.lr, momentum=train.momentum,
+                               weight_decay=train.weight_decay)
+    if train.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def make_scheduler(train: P.Train, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """A per-step learning-rate schedule; `none` without warm-up keeps the lr constant."""
+    total = train.epochs * steps_per_epoch
+    if train.schedule == "onecycle":  # its own warm-up (30% of the steps) and annealing
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=total)
+    warmup = train.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if train.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        if train.schedule == "step":
+            return train.step_gamma ** (step // steps_per_epoch // train.step_epochs)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_loss(train: P.Train, model: nn.Module, class_weights: torch.Tensor | None):
+    """Cross-entropy (class weights, label smoothing; targets may be mixed probabilities) plus
+    the explicit L1 and L2 penalties on the weights."""
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits, targets, weight=class_weights,
+                               label_smoothing=train.label_smoothing)
+        if train.l1:
+            loss = loss + train.l1 * regularize.l1_penalty(model)
+        if train.l2:
+            loss = loss + train.l2 * regularize.l2_penalty(model)
+        return loss
+
+    return loss_fn
 
 
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    optimizer: torch.optim.Optimizer, batch_size: int, policy: Policy,
-                    generator: torch.Generator, desc: str = "") -> float:
+                    optimizer: torch.optim.Optimizer, scheduler, loss_fn, batch_size: int,
+                    policy: Policy, mixer, generator: torch.Generator, desc: str = "") -> float:
     """One pass over the (augmented, shuffled) training set; returns the mean batch loss."""
     model.train()
     if policy.active:
@@ -99,12 +165,45 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                disable=not sys.stderr.isatty())
     for start in bar:
         idx = order[start:start + batch_size]
-        loss = F.cross_entropy(model(to_float(images[idx])), labels[idx])
+        x, y = to_float(images[idx]), labels[idx]
+        if mixer is not None:
+            x, y = mixer(x, y)  # y becomes class probabilities
+        loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(idx)
+        scheduler.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise StageError(f"the training loss became {value} at step {start // batch_size + 1} "
+                             f"of {desc or 'the epoch'}: lower train.lr or the penalties")
+        total += value * len(idx)
     return total / len(images)
+
+
+class EarlyStopping:
+    """Tracks the best epoch by `monitor`; `should_stop` after `patience` epochs without a
+    change better than `min_delta`."""
+
+    def __init__(self, monitor: str, patience: int, min_delta: float):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.sign = 1.0 if monitor == "val_loss" else -1.0  # lower loss, higher accuracy is better
+        self.best = math.inf
+        self.best_epoch = 0
+        self.epochs_without_improvement = 0
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record one epoch's value; True when it is the new best."""
+        score = self.sign * value
+        if score < self.best - self.min_delta:
+            self.best, self.best_epoch, self.epochs_without_improvement = score, epoch, 0
+            return True
+        self.epochs_without_improvement += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.epochs_without_improvement >= self.patience
 
 
 def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict:
