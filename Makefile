@@ -1,6 +1,8 @@
 # make install: .venv with everything pinned in requirements.lock (idempotent)
 # make run:     install, then the whole pipeline (dvc repro)
 # make test:    install, then the test suite
+# make study:   the regularization study as queued DVC experiments, then its table
+#               (e.g. make study STUDY_ARGS="--source ../shared/data/cifar10-jpg.tar.gz")
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -9,7 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # No network access but the data download: no usage telemetry from MLflow.
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install run test lock clean-venv
+.PHONY: install run test study lock clean-venv
 
 install: $(STAMP)
 
@@ -23,6 +25,10 @@ run: install
 
 test: install
 	$(PYTHON) -m pytest
+
+STUDY_ARGS ?=
+study: install
+	python -m stages.study run $(STUDY_ARGS)
 
 # Re-pin after changing pyproject.toml's dependencies. CUDA wheels are left to torch's own pins,
 # so that the lock also installs where they don't exist.
