@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 import urllib.error
@@ -112,7 +113,9 @@ def fetch(source: str) -> tuple[Path, str | None]:
     if scheme == "file":
         path = Path(urlparse(source).path)
     elif scheme == "":
-        path = Path(source).expanduser()
+        # Relative to the repository root: a queued `dvc exp run` works in a temporary copy under
+        # .dvc/tmp/exps, where DVC_ROOT still names the repository the user typed the path in.
+        path = Path(os.environ.get("DVC_ROOT", ".")) / Path(source).expanduser()
     else:
         raise StageError(f"data.source = {source!r}: unknown scheme '{scheme}' "
                          "(allowed: cifar10, cifar100, a path, file://, http://, https://)")

@@ -86,6 +86,16 @@ def test_file_url_and_matching_sha256(workdir, folder_archive):
     assert raw["meta"]["sha256"] == digest
 
 
+def test_relative_path_is_relative_to_the_repository_root(workdir, folder_archive, monkeypatch, tmp_path):
+    """A queued experiment runs in .dvc/tmp/exps/<tmp>; DVC_ROOT names the user's repository."""
+    repo = tmp_path / "repo"
+    (repo / "datasets").mkdir(parents=True)
+    (repo / "datasets" / "images.tar.gz").write_bytes(folder_archive.read_bytes())
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    raw = run_download(workdir, **{"data.source": "datasets/images.tar.gz"})
+    assert raw["train_images"].shape == (90, 3, 32, 32)
+
+
 def test_sha256_mismatch_is_refused(workdir, folder_archive):
     with pytest.raises(StageError, match="sha256 is .* but data.sha256 expects 0{64}"):
         run_download(workdir, **{"data.source": str(folder_archive), "data.sha256": "0" * 64})
