@@ -50,9 +50,9 @@ def repo(tmp_path_factory, pickle_archive) -> Path:
 
 def test_repro_runs_every_stage_into_one_mlflow_run(repo):
     out = ok(repo, "dvc", "repro")
-    for stage in ("download", "augment", "train", "evaluate"):
+    for stage in ("check", "download", "augment", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
-    for path in ("data/raw/train_images.npy", "data/prepared/val_labels.npy", "models/model.pt",
+    for path in ("data/params.ok", "data/raw/train_images.npy", "data/prepared/val_labels.npy", "models/model.pt",
                  "metrics/train.json", "metrics/eval.json", "reports/confusion.png",
                  "reports/augment_preview.png", "dvc.lock"):
         assert (repo / path).exists(), path
@@ -91,3 +91,26 @@ def test_exp_run_with_a_param_adds_a_second_run(repo):
     assert second.info.run_name in names
     assert second.data.tags["dvc.exp_name"] == second.info.run_name
     assert "test_accuracy" in second.data.metrics
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+train.lrr=0.1", "unknown key 'train.lrr'"),  # '+' adds a key; without it DVC refuses
+    ("train.lr=-1", "train.lr = -1: Input should be greater than 0"),
+    ("data.val_fraction=1.5", "data.val_fraction = 1.5: Input should be less than 1"),
+])
+def test_bad_params_stop_before_any_output_is_touched(repo, override, message):
+    outputs = ["data/raw/train_images.npy", "data/prepared/train_images.npy", "models/model.pt",
+               "metrics/train.json", "metrics/eval.json"]
+    before = {path: (repo / path).read_bytes() for path in outputs}
+    result = sh(repo, "dvc", "exp", "run", "-S", override)
+    assert result.returncode != 0
+    assert f"error (check): params.yaml: {message}" in result.stderr + result.stdout
+    assert "Running stage 'train'" not in result.stdout and "Running stage 'download'" not in result.stdout
+    for path, data in before.items():
+        assert (repo / path).read_bytes() == data, path
+    ok(repo, "git", "checkout", "params.yaml")
+
+
+def test_dvc_itself_refuses_a_plain_typo(repo):
+    result = sh(repo, "dvc", "exp", "run", "-S", "train.lrr=0.1")
+    assert result.returncode != 0 and "Could not override 'train.lrr'" in result.stderr
