@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -20,10 +21,23 @@ class ParamsError(StageError):
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's main(); turn a StageError into one line on stderr and its exit code."""
+    """Run a stage's main(); turn a StageError into one line on stderr and its exit code.
+
+    SIGTERM (sent by `dvc queue kill`, schedulers, `kill`) is handled like Ctrl-C: the stage
+    stops where it is, its MLflow run is marked KILLED, and training resumes from its last
+    checkpoint when run again.
+    """
+    stage = Path(main.__globals__["__file__"]).stem  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except StageError as exc:
-        stage = Path(main.__globals__["__file__"]).stem  # type: ignore[attr-defined]
         print(f"error ({stage}): {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"error ({stage}): interrupted; run again to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

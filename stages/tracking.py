@@ -74,16 +74,23 @@ def run_tags(params: P.Params) -> dict[str, str]:
 
 
 @contextmanager
-def start_run(params: P.Params, data_sha256: str | None) -> Iterator[mlflow.ActiveRun]:
-    """Open the pipeline run, with every param flattened under its params.yaml name."""
+def start_run(params: P.Params, data_sha256: str | None,
+              resume_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open the pipeline run, with every param flattened under its params.yaml name; or reopen
+    `resume_id`, the run of an interrupted training that is being resumed."""
     uri = tracking_uri(params.mlflow)
     mlflow.set_tracking_uri(uri)
+    if resume_id:
+        with _ended_by_outcome(mlflow.start_run(run_id=resume_id)) as run:
+            yield run
+        return
     experiment_id = _experiment_id(params.mlflow.experiment, uri)
     tags = run_tags(params)
     if data_sha256:
         tags["data.sha256"] = data_sha256
-    with mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
-                          tags=tags) as run:
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
+                           tags=tags)
+    with _ended_by_outcome(run):
         mlflow.log_params(P.flatten(params))
         yield run
 
@@ -91,8 +98,22 @@ def start_run(params: P.Params, data_sha256: str | None) -> Iterator[mlflow.Acti
 @contextmanager
 def resume_run(run_id: str, mlflow_params: P.Mlflow) -> Iterator[mlflow.ActiveRun]:
     mlflow.set_tracking_uri(tracking_uri(mlflow_params))
-    with mlflow.start_run(run_id=run_id) as run:
+    with _ended_by_outcome(mlflow.start_run(run_id=run_id)) as run:
         yield run
+
+
+@contextmanager
+def _ended_by_outcome(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    """End the run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any other error)."""
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

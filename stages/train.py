@@ -14,6 +14,8 @@ average blurred by dropout and augmentation.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import sys
@@ -35,6 +37,7 @@ RUN = Path("models/run.json")
 METRICS = Path("metrics/train.json")
 CURVES = Path("reports/train_curves.csv")
 CURVES_PNG = Path("reports/train_curves.png")
+CHECKPOINTS = Path("data/checkpoints")  # under the repository root; not a DVC output
 CURVE_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
 
 
@@ -60,11 +63,27 @@ def main() -> None:
     stopper = EarlyStopping(**params.train.early_stopping.model_dump(exclude={"enabled", "restore_best"}))
     restore_best = params.train.early_stopping.enabled and params.train.early_stopping.restore_best
     best_state = None
-
     history: list[dict] = []
-    with tracking.start_run(params, source_sha256) as run:
+
+    # Resume after a crash or kill: the checkpoint lives outside DVC's outputs (DVC deletes those
+    # before rerunning the stage) and is named by everything that shapes training, so a run with
+    # other params or data never picks it up. Every epoch reseeds from (seed, epoch): the resumed
+    # run is bit-identical to an uninterrupted one.
+    checkpoint = checkpoint_path(params, train_x, train_y, val_x, val_y)
+    resumed = sio.load_torch(checkpoint) if checkpoint.exists() else None
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        vars(stopper).update(resumed["stopper"])
+        history, best_state = resumed["history"], resumed["best_state"]
+        print(f"resuming after epoch {len(history)} from {checkpoint}", flush=True)
+
+    with tracking.start_run(params, source_sha256, resume_id=resumed and resumed["run_id"]) as run:
         tracking.log_metrics({"num_parameters": models.count_parameters(model)})
-        for epoch in range(1, params.train.epochs + 1):
+        for epoch in range(len(history) + 1, params.train.epochs + 1):
+            if params.train.early_stopping.enabled and stopper.should_stop:
+                break  # a resumed run that had already decided to stop
             torch.manual_seed(params.seed * 1_000_003 + epoch)  # dropout, mixup: replayable per epoch
             start = time.perf_counter()
             batch_loss = train_one_epoch(model, train_x, train_y, optimizer, scheduler, loss_fn,
@@ -83,6 +102,10 @@ def main() -> None:
                   flush=True)
             if stopper.update(epoch, row[stopper.monitor]) and restore_best:
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            sio.save_torch(checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "stopper": dict(vars(stopper)),
+                "history": history, "best_state": best_state, "run_id": run.info.run_id})
             if params.train.early_stopping.enabled and stopper.should_stop:
                 print(f"early stopping: {stopper.monitor} has not improved for "
                       f"{stopper.patience} epochs; best epoch {stopper.best_epoch}", flush=True)
@@ -105,6 +128,17 @@ def main() -> None:
         for path in [P.PARAMS_FILE, METRICS, CURVES, CURVES_PNG]:
             tracking.log_artifact(path)
         tracking.log_model(model.eval(), to_float(val_x[:2]))
+    checkpoint.unlink()  # finished: the outputs are written
+
+
+def checkpoint_path(params: P.Params, *tensors: torch.Tensor) -> Path:
+    """<repository root>/data/checkpoints/<hash of the params and the data>.pt"""
+    digest = hashlib.sha256()
+    training_params = {k: v for k, v in P.flatten(params).items() if not k.startswith("mlflow.")}
+    digest.update(json.dumps(training_params, sort_keys=True).encode())
+    for tensor in tensors:
+        digest.update(tensor.numpy().tobytes())
+    return tracking.repo_root() / CHECKPOINTS / f"{digest.hexdigest()[:20]}.pt"
 
 
 def make_optimizer(train: P.Train, model: nn.Module) -> torch.optim.Optimizer:
