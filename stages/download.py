@@ -18,10 +18,12 @@ and for the official archives only after their checksum was verified (unpickling
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import pickle
 import tarfile
+import time
 import urllib.error
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -124,20 +126,38 @@ def fetch(source: str) -> tuple[Path, str | None]:
     return path, None
 
 
+RETRIES = 3  # attempts for a transient failure (timeout, reset, HTTP 429/5xx), backing off 1, 2, 4 s
+
+
 def _download(download_url, url: str, name: str, md5: str | None) -> None:
     target = DOWNLOADS / name
     if target.exists() and md5 is None:
         return  # a user URL fetched before; data.sha256 guards its content
-    try:
-        download_url(url, str(DOWNLOADS), filename=name, md5=md5)
-    except (urllib.error.URLError, OSError) as exc:
-        target.unlink(missing_ok=True)  # never leave a partial download behind
-        reason = getattr(exc, "reason", exc)
-        raise StageError(
-            f"could not download {url} ({reason}). Without internet, set data.source to a local "
-            "archive or folder, e.g. dvc exp run -S data.source=/path/to/cifar10-jpg.tar.gz "
-            "(README: 'Offline use')"
-        ) from None
+    for attempt in range(1, RETRIES + 1):
+        try:
+            download_url(url, str(DOWNLOADS), filename=name, md5=md5)
+            return
+        except (urllib.error.URLError, OSError) as exc:
+            target.unlink(missing_ok=True)  # never leave a partial download behind
+            if attempt < RETRIES and _transient(exc):
+                print(f"download: {url} failed ({exc}); retrying in {2 ** (attempt - 1)} s", flush=True)
+                time.sleep(2 ** (attempt - 1))
+                continue
+            reason = getattr(exc, "reason", exc)
+            raise StageError(
+                f"could not download {url} ({reason}). Without internet, set data.source to a local "
+                "archive or folder, e.g. dvc exp run -S data.source=/path/to/cifar10-jpg.tar.gz "
+                "(README: 'Offline use')"
+            ) from None
+
+
+def _transient(exc: Exception) -> bool:
+    """Worth another try: a server error or a broken transfer. Not: no network, no such file."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code == 429 or exc.code >= 500
+    reason = getattr(exc, "reason", exc)
+    return isinstance(reason, (TimeoutError, ConnectionResetError, http.client.IncompleteRead,
+                               urllib.error.ContentTooShortError))
 
 
 def sha256_of(path: Path) -> str:
@@ -157,11 +177,16 @@ def _is_tar(path: Path) -> bool:
         return False
 
 
-def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
-    """Yield (member name, bytes) for every regular file of a tar, zip or folder."""
+def iter_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
+    """Yield (member name, bytes) for every regular file of a tar, zip or folder, and
+    (name ending in '/', None) for every folder, so that empty class folders can be named."""
     if path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            yield file.relative_to(path).as_posix(), file.read_bytes()
+        for entry in sorted(path.rglob("*")):
+            name = entry.relative_to(path).as_posix()
+            if entry.is_dir():
+                yield name + "/", None
+            elif entry.is_file():
+                yield name, entry.read_bytes()
     elif _is_tar(path):
         try:
             with tarfile.open(path, "r:*") as tar:
@@ -170,7 +195,9 @@ def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
                     if member.issym() or member.islnk():
                         raise StageError(f"{path}: member '{member.name}' is a link; "
                                          "links are refused (they can point outside the data)")
-                    if member.isfile():
+                    if member.isdir():
+                        yield member.name.rstrip("/") + "/", None
+                    elif member.isfile():
                         yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise StageError(f"{path}: truncated or corrupt archive ({exc})") from None
@@ -179,8 +206,7 @@ def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
                     _check_member_name(path, info.filename)
-                    if not info.is_dir():
-                        yield info.filename, zf.read(info)
+                    yield (info.filename, None) if info.is_dir() else (info.filename, zf.read(info))
         except (zipfile.BadZipFile, EOFError, OSError) as exc:
             raise StageError(f"{path}: truncated or corrupt archive ({exc})") from None
     else:
@@ -201,8 +227,11 @@ CIFAR100_FILES = {"train": ["train"], "test": ["test"], "meta": "meta"}
 
 
 def _cifar_pickle_layout(path: Path) -> bool:
-    with tarfile.open(path, "r:*") as tar:
-        names = {PurePosixPath(n).name for n in tar.getnames()}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            names = {PurePosixPath(n).name for n in tar.getnames()}
+    except (tarfile.TarError, EOFError, OSError):
+        return False  # reading it as an image folder reports the damage, naming the archive
     return {"data_batch_1", "test_batch"} <= names or {"train", "test", "meta"} <= names
 
 
@@ -234,7 +263,7 @@ def _unpickle(archive: Path, name: str, data: bytes) -> dict:
 
 
 def read_cifar_pickle(path: Path, image_size: int, official: bool):
-    members = {PurePosixPath(n).name: (n, b) for n, b in iter_members(path)}
+    members = {PurePosixPath(n).name: (n, b) for n, b in iter_members(path) if b is not None}
     files = CIFAR10_FILES if "data_batch_1" in members else CIFAR100_FILES
     label_key = "labels" if files is CIFAR10_FILES else "fine_labels"
     names_key = "label_names" if files is CIFAR10_FILES else "fine_label_names"
@@ -285,6 +314,10 @@ def read_image_folder(path: Path, image_size: int):
         parts = PurePosixPath(name).parts
         if any(p.startswith(".") or p == "__MACOSX" for p in parts):
             continue  # .DS_Store, ._* resource forks and the like
+        if data is None:  # a folder: train/<class>/ registers the class, even if empty
+            if len(parts) >= 2 and parts[-2] in SPLITS:
+                found[parts[-2]].setdefault(parts[-1], [])
+            continue
         if len(parts) < 3 or parts[-3] not in SPLITS:
             continue  # README files, licences, anything outside train/ and test/
         split, cls = parts[-3], parts[-2]
@@ -294,6 +327,10 @@ def read_image_folder(path: Path, image_size: int):
         if not found[split]:
             raise StageError(f"{path}: no {split}/<class>/<image> files found "
                              "(expected train/<class>/* and test/<class>/*)")
+    for split in SPLITS:
+        empty = sorted(cls for cls, files in found[split].items() if not files)
+        if empty:
+            raise StageError(f"{path}: class folder {split}/{empty[0]}/ holds no images")
     classes = sorted(found["train"])
     missing = sorted(set(classes) - set(found["test"]))
     extra = sorted(set(found["test"]) - set(classes))

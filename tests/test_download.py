@@ -19,13 +19,30 @@ from stages import download
 from stages.errors import StageError
 
 
+class FlakyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files, but answers 503 to the first `failures` requests (counted in `requests`)."""
+
+    failures = 0
+    requests: list[str] = []
+
+    def do_GET(self):
+        FlakyHandler.requests.append(self.path)
+        if len(FlakyHandler.requests) <= FlakyHandler.failures:
+            self.send_error(503, "try later")
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture
 def http_server(tmp_path):
     """A file server on loopback; yields (base URL, served folder)."""
     folder = tmp_path / "served"
     folder.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *a: None  # type: ignore[assignment]
+    FlakyHandler.failures, FlakyHandler.requests = 0, []
+    handler = partial(FlakyHandler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -107,6 +124,24 @@ def test_http_url(workdir, http_server, folder_archive):
     raw = run_download(workdir, **{"data.source": f"{base}/images.tar.gz"})
     assert raw["train_images"].shape == (90, 3, 32, 32)
     assert len(list((workdir / "data/downloads").iterdir())) == 1
+
+
+def test_transient_server_errors_are_retried(workdir, http_server, folder_archive, monkeypatch):
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)  # the back-off, without waiting
+    base, served = http_server
+    (served / "images.tar.gz").write_bytes(folder_archive.read_bytes())
+    FlakyHandler.failures = 2
+    raw = run_download(workdir, **{"data.source": f"{base}/images.tar.gz"})
+    assert raw["train_images"].shape == (90, 3, 32, 32)
+    assert len(FlakyHandler.requests) > 2  # both 503s were retried (torchvision probes redirects too)
+
+
+def test_a_missing_file_is_not_retried(workdir, http_server):
+    base, _ = http_server
+    with pytest.raises(StageError, match="could not download .*/nothing.tar.gz"):
+        run_download(workdir, **{"data.source": f"{base}/nothing.tar.gz"})
+    assert len(FlakyHandler.requests) == 1
+    assert not any((workdir / "data/downloads").iterdir())
 
 
 def test_official_cifar10_code_path(workdir, http_server, pickle_archive, monkeypatch):
@@ -200,3 +235,26 @@ def test_missing_split_is_named(workdir, tmp_path):
                 add_bytes(tar, name, data)
     with pytest.raises(StageError, match="no test/<class>/<image> files found"):
         run_download(workdir, **{"data.source": str(archive)})
+
+
+def test_truncated_archive_is_named(workdir, tmp_path, folder_archive):
+    archive = tmp_path / "truncated.tar.gz"
+    archive.write_bytes(folder_archive.read_bytes()[: folder_archive.stat().st_size // 2])
+    with pytest.raises(StageError, match="truncated.tar.gz: truncated or corrupt archive"):
+        run_download(workdir, **{"data.source": str(archive)})
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar.gz"])
+def test_empty_class_is_named(workdir, tmp_path, kind):
+    source = tmp_path / "images"
+    for name, data in image_folder_files().items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(data)
+    (source / "train" / "zebra").mkdir()
+    (source / "test" / "zebra").mkdir()
+    if kind == "tar.gz":
+        with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as tar:
+            tar.add(source, arcname="images")
+        source = tmp_path / "images.tar.gz"
+    with pytest.raises(StageError, match="class folder (train|test)/zebra/ holds no images"):
+        run_download(workdir, **{"data.source": str(source)})
