@@ -6,6 +6,12 @@ evaluate logs into the same run. The store is, in this order: $MLFLOW_TRACKING_U
 location, so `mlflow ui` started there shows the runs), with artifacts beside it in `mlruns/`.
 The repository root is $DVC_ROOT when DVC sets it: a queued `dvc exp run` works in a temporary
 copy under .dvc/tmp/exps, and a store there would be deleted with it.
+
+A tracking server must answer when a stage starts (else a one-line error within seconds). If it
+stops answering mid-run, training goes on: from the first failed call on, every logging call is
+written to a journal, data/mlflow-missed/<run id>/journal.json under the repository root, which
+is sent once more when the stage ends and can be replayed later with
+`python -m stages.tracking replay`.
 """
 
 from __future__ import annotations
@@ -13,18 +19,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 # No network access but the data download: MLflow 3 would otherwise send usage telemetry.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A dead server should cost seconds, not MLflow's default of minutes of retries per call.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from stages import params as P
+from stages import io as sio, params as P
+from stages.errors import StageError
+
+MISSED = Path("data/mlflow-missed")  # under the repository root
 
 
 def repo_root() -> Path:
@@ -34,6 +50,20 @@ def repo_root() -> Path:
 def tracking_uri(mlflow_params: P.Mlflow) -> str:
     return (os.environ.get("MLFLOW_TRACKING_URI") or mlflow_params.tracking_uri
             or f"sqlite:///{repo_root() / 'mlflow.db'}")
+
+
+def check_reachable(uri: str) -> None:
+    """A tracking server must answer /health within 5 seconds."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as exc:
+        raise StageError(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}): "
+                         "start it, or unset MLFLOW_TRACKING_URI and mlflow.tracking_uri to log "
+                         "to mlflow.db") from None
 
 
 def _experiment_id(name: str, uri: str) -> str:
@@ -79,6 +109,7 @@ def start_run(params: P.Params, data_sha256: str | None,
     """Open the pipeline run, with every param flattened under its params.yaml name; or reopen
     `resume_id`, the run of an interrupted training that is being resumed."""
     uri = tracking_uri(params.mlflow)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     if resume_id:
         with _ended_by_outcome(mlflow.start_run(run_id=resume_id)) as run:
@@ -97,45 +128,159 @@ def start_run(params: P.Params, data_sha256: str | None,
 
 @contextmanager
 def resume_run(run_id: str, mlflow_params: P.Mlflow) -> Iterator[mlflow.ActiveRun]:
-    mlflow.set_tracking_uri(tracking_uri(mlflow_params))
+    uri = tracking_uri(mlflow_params)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
     with _ended_by_outcome(mlflow.start_run(run_id=run_id)) as run:
         yield run
 
 
 @contextmanager
 def _ended_by_outcome(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
-    """End the run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any other error)."""
+    """End the run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any other error); then send
+    whatever a dead server missed once more, or say where it is kept."""
+    global _journal
+    _journal = None
+    status = "FINISHED"
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        status = "KILLED"
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        status = "FAILED"
         raise
-    mlflow.end_run("FINISHED")
+    finally:
+        _call(lambda: mlflow.end_run(status), lambda: {"kind": "end", "status": status}, run.info.run_id)
+        if _journal is not None:
+            _flush_journal()
+
+
+# --- logging that a dead tracking server cannot stop ----------------------------------------------
+
+_journal: dict | None = None  # the current run's missed calls, once the server has failed
+
+
+def _call(send, record, run_id: str | None = None) -> None:
+    """Send one logging call; after the first failure, journal it (and every later one) instead.
+    `record()` makes the journal entry; it runs only when the call is journaled."""
+    global _journal
+    if _journal is None:
+        try:
+            send()
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure of the server or the network
+            run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
+            print(f"warning: MLflow logging failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                  f"training goes on, and the logging is kept in {MISSED}/{run_id}/",
+                  file=sys.stderr, flush=True)
+            _journal = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": run_id, "calls": []}
+    _journal["calls"].append(record())
+    sio.write_json(_journal_dir(_journal["run_id"]) / "journal.json", _journal)
+
+
+def _journal_dir(run_id: str) -> Path:
+    return repo_root() / MISSED / run_id
+
+
+def _keep_file(path: Path) -> str:
+    """A copy of a file for the journal: the original can be replaced by the next run."""
+    folder = _journal_dir(_journal["run_id"]) / "files" / str(len(_journal["calls"]))  # type: ignore[index]
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, folder / Path(path).name)
+    return str(folder / Path(path).name)
+
+
+def _flush_journal() -> None:
+    folder = _journal_dir(_journal["run_id"])  # type: ignore[index]
+    try:
+        replay(folder)
+        print(f"MLflow: the missed logging of run {_journal['run_id']} was sent after all",  # type: ignore[index]
+              file=sys.stderr)
+    except Exception:  # noqa: BLE001
+        print(f"warning: MLflow run {_journal['run_id']} is incomplete: "  # type: ignore[index]
+              f"{len(_journal['calls'])} logging calls are kept in {folder}; "  # type: ignore[index]
+              "when the server is back: python -m stages.tracking replay", file=sys.stderr)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    timestamp = int(time.time() * 1000)
+    _call(lambda: mlflow.log_metrics(metrics, step=step, timestamp=timestamp),
+          lambda: {"kind": "metrics", "metrics": metrics, "step": step, "timestamp": timestamp})
 
 
 def log_artifact(path: Path, folder: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path=folder)
+    _call(lambda: mlflow.log_artifact(str(path), artifact_path=folder),
+          lambda: {"kind": "artifact", "file": _keep_file(path), "folder": folder})
 
 
-def log_model(model, example_input) -> None:
-    """The trained network with a signature, loadable by mlflow.pytorch.load_model.
+def log_model(model, example_input, checkpoint: Path) -> None:
+    """The trained network, loadable by mlflow.pytorch.load_model. MLflow 3 saves it in the
+    'pt2' format (a torch.export graph, no pickled code), traced on the example input.
+    `checkpoint` (the stage's state dict file) rebuilds it if the call has to be replayed."""
+    def send() -> None:
+        import mlflow.pytorch
+        import torch
 
-    MLflow 3 saves it in the 'pt2' format (a torch.export graph, no pickled code), traced on the
-    example input.
-    """
+        mlflow.pytorch.log_model(model, name="model", input_example=example_input.numpy(),
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+    _call(send, lambda: {"kind": "model", "checkpoint": _keep_file(checkpoint)})
+
+
+def replay(folder: Path) -> None:
+    """Send a journal's calls to its run, in order; remove the journal when all went through."""
+    from mlflow.entities import Metric
+
+    journal = sio.read_json(Path(folder) / "journal.json")
+    uri, run_id = journal["tracking_uri"], journal["run_id"]
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    for call in journal["calls"]:
+        if call["kind"] == "metrics":
+            client.log_batch(run_id, metrics=[Metric(k, v, call["timestamp"], call["step"] or 0)
+                                              for k, v in call["metrics"].items()])
+        elif call["kind"] == "artifact":
+            client.log_artifact(run_id, call["file"], call["folder"])
+        elif call["kind"] == "model":
+            _replay_model(uri, run_id, Path(call["checkpoint"]))
+        elif call["kind"] == "end":
+            client.set_terminated(run_id, call["status"])
+    shutil.rmtree(folder)
+
+
+def _replay_model(uri: str, run_id: str, checkpoint: Path) -> None:
     import mlflow.pytorch
     import torch
 
-    mlflow.pytorch.log_model(model, name="model", input_example=example_input.numpy(),
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    from stages import models
+
+    saved = sio.load_torch(checkpoint)
+    params = P.parse(saved["params"])
+    model = models.build(params, len(saved["classes"]), params.data.image_size)
+    model.load_state_dict(saved["state_dict"])
+    example = torch.rand(2, 3, params.data.image_size, params.data.image_size)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(model.eval(), name="model", input_example=example.numpy(),
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
-def set_tags(tags: dict[str, Any]) -> None:
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+def main() -> None:
+    """python -m stages.tracking replay: send every journal under data/mlflow-missed/."""
+    if sys.argv[1:] != ["replay"]:
+        sys.exit("usage: python -m stages.tracking replay")
+    folders = sorted((repo_root() / MISSED).glob("*/journal.json"))
+    for journal in folders:
+        try:
+            replay(journal.parent)
+            print(f"replayed {journal.parent.name}")
+        except StageError as exc:
+            sys.exit(f"error (tracking): {exc}")
+    if not folders:
+        print(f"nothing to replay in {repo_root() / MISSED}")
+
+
+if __name__ == "__main__":
+    main()

@@ -127,7 +127,7 @@ def main() -> None:
         tracking.log_metrics({f"final_{k}": v for k, v in summary.items()})
         for path in [P.PARAMS_FILE, METRICS, CURVES, CURVES_PNG]:
             tracking.log_artifact(path)
-        tracking.log_model(model.eval(), to_float(val_x[:2]))
+        tracking.log_model(model.eval(), to_float(val_x[:2]), MODEL)
     checkpoint.unlink()  # finished: the outputs are written
 
 

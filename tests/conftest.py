@@ -13,13 +13,17 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
+
+from stages import augment, download
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "ship"]
@@ -150,3 +154,40 @@ def copy_repo(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     return dest
+
+
+def start_train(cwd, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(cwd, epochs: int, proc: subprocess.Popen, timeout=120):
+    """Block until the training in `proc` has checkpointed at least `epochs` epochs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in (cwd / "data/checkpoints").glob("*.pt"):
+            try:
+                if len(torch.load(path, weights_only=True)["history"]) >= epochs:
+                    return path
+            except (EOFError, RuntimeError, FileNotFoundError):
+                pass  # replaced while we read it
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise TimeoutError("no checkpoint")
+
+
+def finish(proc) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+EPOCHS = 60  # tiny epochs: long enough in all to be interrupted part-way
+
+
+@pytest.fixture
+def prepared(workdir, pickle_archive):
+    write_params(workdir, **{**TINY, "data.source": str(pickle_archive), "train.epochs": EPOCHS})
+    download.main()
+    augment.main()
+    return workdir

@@ -13,50 +13,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, write_params
-from stages import augment, download, io as sio
-
-EPOCHS = 60  # tiny epochs: long enough in all to be interrupted part-way
-
-
-@pytest.fixture
-def prepared(workdir, pickle_archive):
-    write_params(workdir, **{**TINY, "data.source": str(pickle_archive), "train.epochs": EPOCHS})
-    download.main()
-    augment.main()
-    return workdir
-
-
-def start_train(cwd) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_checkpoint(cwd, epochs: int, proc: subprocess.Popen, timeout=120):
-    """Block until the training in `proc` has checkpointed at least `epochs` epochs."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for path in (cwd / "data/checkpoints").glob("*.pt"):
-            try:
-                if len(sio.load_torch(path)["history"]) >= epochs:
-                    return path
-            except (EOFError, RuntimeError, FileNotFoundError):
-                pass  # replaced while we read it
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    raise TimeoutError("no checkpoint")
-
+from conftest import EPOCHS, TINY, finish, start_train, wait_for_checkpoint, write_params
+from stages import io as sio
 
 def runs(cwd):
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("overfitting")
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-
-
-def finish(proc) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_sigkill_then_rerun_resumes_bit_identically(prepared):
