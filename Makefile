@@ -1,6 +1,7 @@
 # make install: .venv with everything pinned in requirements.lock (idempotent)
 # make run:     install, then the whole pipeline (dvc repro)
 # make test:    install, then the test suite
+# make bench:   epoch speed of the source's loop, the pipeline and pure compute
 # make study:   the regularization study as queued DVC experiments, then its table
 #               (e.g. make study STUDY_ARGS="--source ../shared/data/cifar10-jpg.tar.gz")
 VENV   := .venv
@@ -11,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # No network access but the data download: no usage telemetry from MLflow.
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install run test study lock clean-venv
+.PHONY: install run test study bench lock clean-venv
 
 install: $(STAMP)
 
@@ -29,6 +30,10 @@ test: install
 STUDY_ARGS ?=
 study: install
 	python -m stages.study run $(STUDY_ARGS)
+
+# Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md})
+bench: install
+	python benchmarks/bench.py
 
 # Re-pin after changing pyproject.toml's dependencies. CUDA wheels are left to torch's own pins,
 # so that the lock also installs where they don't exist.

@@ -1,0 +1,253 @@
+"""How fast is an epoch? The source's loop, the pipeline's own, and the machine's limit.
+
+    python benchmarks/bench.py [--repeats 5] [--out reports/benchmark.json]   (make bench)
+
+In one process, on the same 50,000 training images, the same `net` and batch size 100, repeats
+interleaved (so drifts of a shared machine hit every variant alike), it times one epoch of:
+
+  source_loop    the source document's loop as written: a DataLoader over a dataset that does
+                 what torchvision's CIFAR10 does per sample (PIL image → transform → tensor)
+  pipeline       the train stage's own `train_one_epoch` on in-memory uint8 tensors
+  compute_limit  forward, backward and step over pre-made float batches: the practical limit
+
+and the same three with crop (padding 4) + horizontal flip: torchvision's per-sample RandomCrop +
+RandomHorizontalFlip for the source loop, the pipeline's batched augmentation for `pipeline_aug`,
+and, for `compute_limit_aug`, pre-made batches of already augmented images (no augmentation cost).
+Figures are images per second, medians over the repeats. Also timed: MLflow logging per epoch,
+each stage's start-up (importing its module) and a no-op `dvc repro`.
+
+Data: data/raw/ when a pipeline run left it, else ../shared/data/cifar10-jpg.tar.gz, else a
+synthetic set of the same shape (random pixels, random labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages import models, params as P, train  # noqa: E402
+from stages.data import Policy, augment, epoch_generator, to_float  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+BATCH = 100
+
+
+class SourceDataset(Dataset):
+    """What torchvision.datasets.CIFAR10.__getitem__ does: HWC uint8 → PIL → transform."""
+
+    def __init__(self, images_hwc: np.ndarray, labels: np.ndarray, transform):
+        self.data, self.targets, self.transform = images_hwc, labels.tolist(), transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.data[index])
+        return self.transform(img), self.targets[index]
+
+
+def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
+    raw = REPO / "data" / "raw"
+    if (raw / "train_images.npy").exists():
+        images, labels = np.load(raw / "train_images.npy"), np.load(raw / "train_labels.npy")
+        if images.shape[1:] == (3, 32, 32):
+            return torch.from_numpy(images), torch.from_numpy(labels), f"{raw} (from the pipeline)"
+    if SHARED.exists():
+        from stages.download import read_image_folder
+
+        arrays, _ = read_image_folder(SHARED, 32)
+        return (torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"]),
+                str(SHARED))
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, 10, (50_000,), generator=g), "synthetic (random pixels)")
+
+
+def fresh_model_and_optimizer():
+    torch.manual_seed(0)
+    model = models.Net(10)
+    return model, torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+
+
+def time_source_loop(images, labels, aug: bool) -> float:
+    steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if aug else []
+    dataset = SourceDataset(images.permute(0, 2, 3, 1).contiguous().numpy(), labels.numpy(),
+                            transforms.Compose(steps + [transforms.ToTensor()]))
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
+    model, optimizer = fresh_model_and_optimizer()
+    criterion = torch.nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for inputs, targets in loader:  # the source's loop, line for line
+        optimizer.zero_grad()
+        outputs = model(inputs)
+        loss = criterion(outputs, targets)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def time_pipeline(images, labels, aug: bool, epoch: int) -> float:
+    model, _ = fresh_model_and_optimizer()
+    params = P.Train(lr=0.001, momentum=0.9, batch_size=BATCH)
+    optimizer = train.make_optimizer(params, model)
+    scheduler = train.make_scheduler(params, optimizer, len(images) // BATCH)
+    loss_fn = train.make_loss(params, model, None)
+    policy = Policy(flip=True, crop_padding=4) if aug else Policy()
+    start = time.perf_counter()
+    train.train_one_epoch(model, images, labels, optimizer, scheduler, loss_fn, BATCH, policy,
+                          None, epoch_generator(0, epoch))
+    return time.perf_counter() - start
+
+
+def premade_batches(images, labels, aug: bool):
+    if aug:
+        images = augment(images, Policy(flip=True, crop_padding=4), epoch_generator(0, 99))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
+    return [(to_float(images[order[i:i + BATCH]]), labels[order[i:i + BATCH]])
+            for i in range(0, len(images), BATCH)]
+
+
+def time_compute(batches) -> float:
+    model, optimizer = fresh_model_and_optimizer()
+    start = time.perf_counter()
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def time_mlflow_logging(repeats: int = 20) -> float:
+    """Seconds to log one epoch's metrics (what train logs per epoch) to a fresh SQLite store."""
+    from stages import tracking  # sets MLflow's environment first
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        with mlflow.start_run():
+            row = {k: 0.5 for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                                    "train_batch_loss", "epoch_seconds", "gap", "lr")}
+            times = []
+            for step in range(repeats):
+                start = time.perf_counter()
+                tracking.log_metrics(row, step=step)
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_startups(repeats: int = 3) -> dict[str, float]:
+    out = {}
+    for stage in ("check", "download", "augment", "train", "evaluate"):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", f"import stages.{stage}"], cwd=REPO, check=True)
+            times.append(time.perf_counter() - start)
+        out[stage] = statistics.median(times)
+    return out
+
+
+def time_noop_repro(repeats: int = 3) -> float:
+    """`dvc repro` on an up-to-date pipeline, in a scratch clone with tiny data."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import TINY, copy_repo, make_cifar_pickle_archive, write_params
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_ROOT", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = copy_repo(Path(tmp) / "repo")
+        archive = make_cifar_pickle_archive(Path(tmp) / "tiny.tar.gz")
+        write_params(repo, **{**TINY, "data.source": str(archive)})
+        run = lambda *cmd: subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)  # noqa: E731
+        run("git", "init", "-q")
+        run("dvc", "repro")
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run("dvc", "repro")
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--images", type=int, default=50_000, help="epoch size (fewer for a smoke test)")
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "benchmark.json")
+    args = parser.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+    images, labels, source = load_data()
+    images, labels = images[:args.images].contiguous(), labels[:args.images].contiguous()
+    n = len(images)
+    print(f"data: {n} images from {source}; {torch.get_num_threads()} threads", flush=True)
+    batches = {False: premade_batches(images, labels, False), True: premade_batches(images, labels, True)}
+
+    seconds: dict[str, list[float]] = {k: [] for k in (
+        "source_loop", "pipeline", "compute_limit", "source_loop_aug", "pipeline_aug", "compute_limit_aug")}
+    for rep in range(args.repeats):
+        for aug in (False, True):
+            suffix = "_aug" if aug else ""
+            seconds["source_loop" + suffix].append(time_source_loop(images, labels, aug))
+            seconds["pipeline" + suffix].append(time_pipeline(images, labels, aug, epoch=rep + 1))
+            seconds["compute_limit" + suffix].append(time_compute(batches[aug]))
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()),
+              flush=True)
+
+    result = {k: n / statistics.median(v) for k, v in seconds.items()}  # images per second
+    result["seconds_per_epoch"] = {k: statistics.median(v) for k, v in seconds.items()}
+    result["mlflow_log_seconds_per_epoch"] = time_mlflow_logging()
+    result["stage_startup_seconds"] = time_startups()
+    result["noop_dvc_repro_seconds"] = time_noop_repro()
+    result["setup"] = {"images": n, "data": source, "model": "net", "batch_size": BATCH,
+                       "repeats": args.repeats, "threads": torch.get_num_threads(),
+                       "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "torch": torch.__version__}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+def markdown(r: dict) -> str:
+    limit = r["compute_limit"]
+    rows = [("source_loop", "the source's loop (DataLoader, per-sample PIL → ToTensor)"),
+            ("pipeline", "the pipeline's epoch (in-memory uint8 tensors)"),
+            ("compute_limit", "forward + backward + step on pre-made batches"),
+            ("source_loop_aug", "source loop + per-sample RandomCrop(pad 4) + RandomHorizontalFlip"),
+            ("pipeline_aug", "pipeline + batched crop (pad 4) + flip"),
+            ("compute_limit_aug", "pre-made batches of augmented images")]
+    lines = ["| variant | what | images/s | s/epoch | × source loop | × compute limit |",
+             "|---|---|---|---|---|---|"]
+    for key, what in rows:
+        base = r["source_loop_aug" if key.endswith("_aug") else "source_loop"]
+        lines.append(f"| `{key}` | {what} | {r[key]:,.0f} | {r['seconds_per_epoch'][key]:.2f} | "
+                     f"{r[key] / base:.2f} | {r[key] / limit:.2f} |")
+    startup = ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_startup_seconds"].items())
+    lines += ["", f"MLflow logging per epoch: {1000 * r['mlflow_log_seconds_per_epoch']:.1f} ms. "
+              f"Stage start-up (import): {startup}. No-op `dvc repro`: {r['noop_dvc_repro_seconds']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
