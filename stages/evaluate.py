@@ -1,9 +1,11 @@
 """Stage `evaluate`: the trained model on the untouched test set, logged into train's MLflow run.
 
-Reads params: mlflow.tracking_uri (to find the run's store).
-Writes metrics/eval.json: test loss and accuracy, per-class accuracy, and the generalization gap
-(train accuracy - test accuracy, both of the saved model in eval mode); reports/confusion.csv
-(one row per test image, for `dvc plots`) and reports/confusion.png.
+Reads params: evaluate.*, mlflow.tracking_uri (to find the run's store).
+Writes metrics/eval.json: test loss and accuracy, per-class accuracy, the generalization gap
+(train accuracy - test accuracy, both of the saved model in eval mode) and a diagnosis: the epoch
+where validation loss started rising while training loss kept falling, and a verdict
+(overfitting | underfitting | good_fit); reports/confusion.csv (one row per test image, for
+`dvc plots`) and reports/confusion.png.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ RAW = Path("data/raw")
 MODEL = Path("models/model.pt")
 RUN = Path("models/run.json")
 TRAIN_METRICS = Path("metrics/train.json")
+CURVES = Path("reports/train_curves.csv")
 METRICS = Path("metrics/eval.json")
 CONFUSION_CSV = Path("reports/confusion.csv")
 CONFUSION_PNG = Path("reports/confusion.png")
@@ -40,13 +43,17 @@ def main() -> None:
     predicted = logits.argmax(1)
     matrix = confusion_matrix(test_y, predicted, len(classes))
     per_class = (matrix.diagonal() / matrix.sum(1).clip(min=1)).tolist()
-    train_accuracy = sio.read_json(TRAIN_METRICS)["train_accuracy"]
+    trained = sio.read_json(TRAIN_METRICS)
+    gap = trained["train_accuracy"] - test_accuracy
 
     metrics = {
         "test_accuracy": test_accuracy,
         "test_loss": test_loss,
-        "generalization_gap": train_accuracy - test_accuracy,
+        "generalization_gap": gap,
         "per_class_accuracy": dict(zip(classes, per_class)),
+        "best_epoch": trained["best_epoch"],
+        "overfitting_epoch": overfitting_epoch(read_curves(CURVES)),
+        "verdict": verdict(trained["train_accuracy"], gap, params.evaluate),
     }
     sio.write_json(METRICS, metrics)
     sio.write_text(CONFUSION_CSV, "actual,predicted\n" + "".join(
@@ -55,13 +62,41 @@ def main() -> None:
 
     with tracking.resume_run(sio.read_json(RUN)["run_id"], params.mlflow):
         tracking.log_metrics({"test_accuracy": test_accuracy, "test_loss": test_loss,
-                              "generalization_gap": metrics["generalization_gap"]})
+                              "generalization_gap": gap,
+                              "overfitting_epoch": metrics["overfitting_epoch"] or 0})
+        tracking.set_tags({"verdict": metrics["verdict"]})
         tracking.log_metrics({f"test_accuracy.{c}": a for c, a in zip(classes, per_class)})
         for path in [METRICS, CONFUSION_CSV, CONFUSION_PNG, PREVIEW]:
             if path.exists():
                 tracking.log_artifact(path)
-    print(f"evaluate: test accuracy {test_accuracy:.4f}, loss {test_loss:.4f}, "
-          f"gap {metrics['generalization_gap']:+.4f}")
+    print(f"evaluate: test accuracy {test_accuracy:.4f}, loss {test_loss:.4f}, gap {gap:+.4f}: "
+          f"{metrics['verdict']}")
+
+
+def read_curves(path: Path) -> list[dict]:
+    lines = Path(path).read_text().splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, map(float, line.split(",")))) for line in lines[1:]]
+
+
+def overfitting_epoch(curves: list[dict]) -> int | None:
+    """The epoch of lowest validation loss, if after it validation loss rose while training loss
+    kept falling (both at the last epoch against that one); None if that never happened."""
+    best = min(curves, key=lambda row: row["val_loss"])
+    last = curves[-1]
+    if last["val_loss"] > best["val_loss"] and last["train_loss"] < best["train_loss"]:
+        return int(best["epoch"])
+    return None
+
+
+def verdict(train_accuracy: float, gap: float, thresholds: P.Evaluate) -> str:
+    """underfitting: poor even on the training data; overfitting: good on the training data,
+    much worse on new data; good_fit: neither."""
+    if train_accuracy < thresholds.min_train_accuracy:
+        return "underfitting"
+    if gap > thresholds.max_gap:
+        return "overfitting"
+    return "good_fit"
 
 
 def confusion_matrix(actual: torch.Tensor, predicted: torch.Tensor, n: int) -> np.ndarray:

@@ -88,6 +88,13 @@ class Train(Section):
     threads: int = Field(0, ge=0)  # PyTorch CPU threads; 0 = every core this process may use
 
 
+class Evaluate(Section):
+    # The verdict (README: "Overfitting, underfitting"): underfitting when the model is poor on
+    # its own training data; overfitting when it is good there but much worse on new data.
+    min_train_accuracy: float = Field(0.6, ge=0, le=1)  # below: underfitting
+    max_gap: float = Field(0.1, ge=0, le=1)  # train - test accuracy above this: overfitting
+
+
 class Mlflow(Section):
     experiment: str = Field("overfitting", min_length=1)
     # null: $MLFLOW_TRACKING_URI if set, else sqlite:///<repository root>/mlflow.db
@@ -100,6 +107,7 @@ class Params(Section):
     augment: Augment = Augment()
     model: Model = Model()
     train: Train = Train()
+    evaluate: Evaluate = Evaluate()
     mlflow: Mlflow = Mlflow()
 
 

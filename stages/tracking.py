@@ -229,6 +229,11 @@ def log_model(model, example_input, checkpoint: Path) -> None:
     _call(send, lambda: {"kind": "model", "checkpoint": _keep_file(checkpoint)})
 
 
+def set_tags(tags: dict[str, Any]) -> None:
+    tags = {k: str(v) for k, v in tags.items()}
+    _call(lambda: mlflow.set_tags(tags), lambda: {"kind": "tags", "tags": tags})
+
+
 def replay(folder: Path) -> None:
     """Send a journal's calls to its run, in order; remove the journal when all went through."""
     from mlflow.entities import Metric
@@ -241,6 +246,9 @@ def replay(folder: Path) -> None:
         if call["kind"] == "metrics":
             client.log_batch(run_id, metrics=[Metric(k, v, call["timestamp"], call["step"] or 0)
                                               for k, v in call["metrics"].items()])
+        elif call["kind"] == "tags":
+            for key, value in call["tags"].items():
+                client.set_tag(run_id, key, value)
         elif call["kind"] == "artifact":
             client.log_artifact(run_id, call["file"], call["folder"])
         elif call["kind"] == "model":

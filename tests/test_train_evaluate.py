@@ -139,3 +139,35 @@ def test_tracking_uri_from_environment_wins(workdir, pickle_archive, monkeypatch
     assert store.exists() and not (workdir / "mlflow.db").exists()
     c = MlflowClient(f"sqlite:///{store}")
     assert len(c.search_runs([c.get_experiment_by_name("env-test").experiment_id])) == 1
+
+
+def curve(val_losses, train_losses):
+    return [{"epoch": e, "val_loss": v, "train_loss": t}
+            for e, (v, t) in enumerate(zip(val_losses, train_losses), 1)]
+
+
+def test_overfitting_epoch_on_scripted_curves():
+    # Validation loss bottoms out at epoch 3 and rises while training loss keeps falling.
+    assert evaluate.overfitting_epoch(curve([2.0, 1.5, 1.2, 1.4, 1.9], [2.0, 1.4, 1.0, 0.6, 0.2])) == 3
+    # Both still falling: no overfitting yet.
+    assert evaluate.overfitting_epoch(curve([2.0, 1.5, 1.2, 1.1], [2.0, 1.6, 1.3, 1.1])) is None
+    # Validation loss rising together with training loss (divergence) is not overfitting.
+    assert evaluate.overfitting_epoch(curve([2.0, 1.5, 1.8, 2.5], [2.0, 1.5, 1.9, 2.6])) is None
+
+
+@pytest.mark.parametrize("train_accuracy, gap, expected", [
+    (0.37, -0.01, "underfitting"),   # the source recipe: poor on both
+    (0.95, 0.51, "overfitting"),     # 5,000 images, 60 epochs: good on training data only
+    (0.70, 0.05, "good_fit"),
+    (0.70, 0.10, "good_fit"),        # the threshold itself is still a good fit
+])
+def test_verdict(train_accuracy, gap, expected):
+    assert evaluate.verdict(train_accuracy, gap, P.Evaluate()) == expected
+
+
+def test_verdict_is_written_and_logged(finished):
+    e = json.loads((finished / "metrics/eval.json").read_text())
+    assert e["verdict"] in {"overfitting", "underfitting", "good_fit"}
+    assert "overfitting_epoch" in e and e["best_epoch"] >= 1
+    run = client(finished).search_runs([client(finished).get_experiment_by_name("overfitting").experiment_id])[0]
+    assert run.data.tags["verdict"] == e["verdict"]
