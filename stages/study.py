@@ -75,12 +75,14 @@ def queue(rows, seeds, source, sha256) -> None:
 
 
 def wait_for_queue(poll_seconds: float = 15) -> None:
-    while True:
-        status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout
-        pending = [line for line in status.splitlines() if " Queued " in line or " Running " in line]
-        if not pending:
-            return
+    while pending(subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout):
         time.sleep(poll_seconds)
+
+
+def pending(queue_status: str) -> int:
+    """How many tasks `dvc queue status` lists as Queued or Running (the last column)."""
+    return sum(1 for line in queue_status.splitlines()
+               if line.split() and line.split()[-1] in ("Queued", "Running"))
 
 
 def table(rows=tuple(ROWS), seeds=SEEDS) -> str:

@@ -1,0 +1,26 @@
+"""The study grid and its queue handling."""
+
+from __future__ import annotations
+
+from stages import study
+
+STATUS = """Task     Name                            Created    Status
+0199407  study-wider-model-s0            02:37 AM   Success
+c62c203  study-wider-model-s2            02:37 AM   Running
+4fb4e8a  study-dropout-s0                02:37 AM   Queued
+d9b05b9  study-l1-s0                     02:37 AM   Failed
+
+Worker status: 1 active, 0 idle
+"""
+
+
+def test_pending_counts_queued_and_running_tasks():
+    assert study.pending(STATUS) == 2
+    assert study.pending("Task     Name    Created    Status\\n\\nWorker status: 0 active, 0 idle\\n") == 0
+
+
+def test_every_row_of_the_grid_is_valid_params():
+    for row in study.ROWS:
+        for seed in study.SEEDS:
+            values = study.overrides(row, seed, "data.tar.gz", None)
+            assert values["seed"] == seed and values["data.train_size"] in (5000, None)
