@@ -16,7 +16,7 @@ Worker status: 1 active, 0 idle
 
 def test_pending_counts_queued_and_running_tasks():
     assert study.pending(STATUS) == 2
-    assert study.pending("Task     Name    Created    Status\\n\\nWorker status: 0 active, 0 idle\\n") == 0
+    assert study.pending("Task     Name    Created    Status\n\nWorker status: 0 active, 0 idle\n") == 0
 
 
 def test_every_row_of_the_grid_is_valid_params():
