@@ -110,15 +110,17 @@ def table(rows=tuple(ROWS), seeds=SEEDS) -> str:
         minutes = [(r.info.end_time - r.info.start_time) / 60000 for r in found]
         changes = ", ".join(f"{k}={v}" for k, v in ROWS[row].items()) or "—"
         lines.append(f"| {row} | {changes} | {len(found)} | {_pm(m('final_train_accuracy'))} | "
-                     f"{_pm(m('test_accuracy'))} | {_pm(m('generalization_gap'))} | "
+                     f"{_pm(m('test_accuracy'))} | {_pm(m('generalization_gap'), ' pt')} | "
                      f"{statistics.mean(m('final_epochs_run')):.0f} | {statistics.mean(minutes):.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def _pm(values: list[float]) -> str:
+def _pm(values: list[float], unit: str = "%") -> str:
+    """mean ± sample standard deviation, in percent (or points); the mean alone for one value."""
     mean = 100 * statistics.mean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}%"
+    if len(values) == 1:
+        return f"{mean:.1f}{unit}"
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}{unit}"
 
 
 def _nest(flat: dict) -> dict:
