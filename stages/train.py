@@ -43,7 +43,7 @@ CURVE_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accur
 
 def main() -> None:
     params = P.load()
-    torch.set_num_threads(params.train.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(params.train.threads or default_threads())
     torch.manual_seed(params.seed)
 
     train_x, train_y = load_split(PREPARED, "train")
@@ -80,7 +80,8 @@ def main() -> None:
         print(f"resuming after epoch {len(history)} from {checkpoint}", flush=True)
 
     with tracking.start_run(params, source_sha256, resume_id=resumed and resumed["run_id"]) as run:
-        tracking.log_metrics({"num_parameters": models.count_parameters(model)})
+        tracking.log_metrics({"num_parameters": models.count_parameters(model),
+                              "torch_threads": torch.get_num_threads()})
         for epoch in range(len(history) + 1, params.train.epochs + 1):
             if params.train.early_stopping.enabled and stopper.should_stop:
                 break  # a resumed run that had already decided to stop
@@ -139,6 +140,25 @@ def checkpoint_path(params: P.Params, *tensors: torch.Tensor) -> Path:
     for tensor in tensors:
         digest.update(tensor.numpy().tobytes())
     return tracking.repo_root() / CHECKPOINTS / f"{digest.hexdigest()[:20]}.pt"
+
+
+def default_threads() -> int:
+    """The cores this process may use, shared among DVC's running queue workers.
+
+    `dvc queue start -j N` runs N experiments at once; N processes that each use every core
+    oversubscribe them, and PyTorch's spinning OpenMP threads then collapse (on 2 cores, two
+    2-thread trainings ran 45× slower than one). Each worker leaves a pid file in DVC's queue
+    folder; the live ones are counted.
+    """
+    cores = len(os.sched_getaffinity(0))
+    workers = 0
+    for pid_file in (tracking.repo_root() / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"):
+        try:
+            os.kill(int(pid_file.read_text().strip()), 0)
+            workers += 1
+        except (ValueError, OSError):
+            pass  # a stale file of a worker that has gone
+    return max(1, cores // max(1, workers))
 
 
 def make_optimizer(train: P.Train, model: nn.Module) -> torch.optim.Optimizer:

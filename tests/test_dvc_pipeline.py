@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY, copy_repo, write_params
+from stages.study import pending
 
 BIN = Path(sys.executable).parent  # the venv's: dvc, and the `python` that DVC's stages call
 
@@ -114,3 +116,40 @@ def test_bad_params_stop_before_any_output_is_touched(repo, override, message):
 def test_dvc_itself_refuses_a_plain_typo(repo):
     result = sh(repo, "dvc", "exp", "run", "-S", "train.lrr=0.1")
     assert result.returncode != 0 and "Could not override 'train.lrr'" in result.stderr
+
+
+def test_parallel_queue_lands_every_run_complete(repo):
+    ok(repo, "git", "add", "-A")
+    ok(repo, "git", "commit", "-q", "--allow-empty", "-m", "before the queue")
+    names = [f"par-{i}" for i in range(3)]
+    for i, name in enumerate(names):
+        ok(repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={0.01 * (i + 1)}",
+           "-S", "train.epochs=3")
+    try:
+        ok(repo, "dvc", "queue", "start", "-j", "2")
+        deadline = time.time() + 600
+        while pending(ok(repo, "dvc", "queue", "status")):
+            assert time.time() < deadline, ok(repo, "dvc", "queue", "status")
+            time.sleep(3)
+    finally:
+        sh(repo, "dvc", "queue", "stop", "--kill")
+    assert "Failed" not in ok(repo, "dvc", "queue", "status")
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    by_name = {r.data.tags.get("dvc.exp_name"): r for r in runs(repo)}
+    for i, name in enumerate(names):
+        run = by_name[name]
+        assert run.info.run_name == name and run.info.status == "FINISHED"
+        assert run.data.params["train.lr"] == str(0.01 * (i + 1))
+        assert run.data.tags["dvc.baseline_rev"] == ok(repo, "git", "rev-parse", "HEAD").strip()
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
+        assert "test_accuracy" in run.data.metrics and "verdict" in run.data.tags
+    assert not (repo / "data/mlflow-missed").exists()  # nothing had to be journaled
+    # Two workers on this machine's cores: each training took its share, not all of them.
+    threads = [by_name[n].data.metrics["torch_threads"] for n in names]
+    cores = len(os.sched_getaffinity(0))
+    assert max(1, cores // 2) in threads and all(t <= cores for t in threads)
+
+    ok(repo, "python", "-m", "stages.compare", "--exps", ",".join(names))
+    report = (repo / "reports/comparison.md").read_text()
+    assert all(f"| {name} |" in report for name in names)
