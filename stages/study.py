@@ -5,7 +5,8 @@
 
 `run` queues the grid with `dvc exp run --queue` (each experiment named study-<row>-s<seed>,
 in a temporary workspace, so edits made while it runs can't leak in), runs the queue with
-`dvc queue start -j N`, waits for it, then writes the table. `table` reads the runs back from
+`dvc queue start -j N`, waits for it, then writes the table and, run by run, the comparison
+report of `python -m stages.compare`. `table` reads the runs back from
 MLflow by their DVC experiment names and prints mean ± std over seeds.
 
 The regime overfits on purpose (5,000 training images, 60 epochs, lr 0.01): the baseline's
@@ -158,6 +159,9 @@ def main() -> None:
     text = table(rows, seeds)
     sio.write_text(args.out, text)
     print(text)
+    if args.command == "run":  # and every single run: reports/comparison.md, curves.png, gap.png
+        subprocess.run([sys.executable, "-m", "stages.compare", "--exps",
+                        ",".join(exp_name(r, s) for r in rows for s in seeds)], check=False)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,7 @@ def test_parallel_queue_lands_every_run_complete(repo):
     ok(repo, "python", "-m", "stages.compare", "--exps", ",".join(names))
     report = (repo / "reports/comparison.md").read_text()
     assert all(f"| {name} |" in report for name in names)
+
+    ok(repo, "dvc", "plots", "diff", names[0], names[1], "-o", str(repo / "plots-diff"))
+    html = (repo / "plots-diff" / "index.html").read_text()
+    assert names[0] in html and names[1] in html
