@@ -34,6 +34,7 @@ study: install
 # Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md})
 bench: install
 	python benchmarks/bench.py
+	python benchmarks/threads.py
 
 # Re-pin after changing pyproject.toml's dependencies. CUDA wheels are left to torch's own pins,
 # so that the lock also installs where they don't exist.
