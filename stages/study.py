@@ -101,7 +101,7 @@ def table(rows=tuple(ROWS), seeds=SEEDS) -> str:
         if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
             by_name[run.data.tags["dvc.exp_name"]] = run
 
-    lines = ["| technique | params (on top of the regime) | seeds | train accuracy | test accuracy | gap (train − test) | epochs run | minutes per run |",
+    lines = ["| technique | params (on top of the regime) | seeds | train accuracy | test accuracy | gap (train − test) | epochs run | minutes (train + evaluate) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         found = [by_name[exp_name(row, s)] for s in seeds if exp_name(row, s) in by_name]
