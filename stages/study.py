@@ -43,6 +43,8 @@ ROWS: dict[str, dict] = {
     "label-smoothing": {"train.label_smoothing": 0.1},
     "combination": {**ONLINE, "augment.flip": True, "augment.crop_padding": 4,
                     "model.dropout": 0.3, "train.weight_decay": 5e-4},
+    # The two best single techniques of the first pass (crop-flip and wider-model), together.
+    "wider-crop-flip": {**ONLINE, "augment.flip": True, "augment.crop_padding": 4, "model.width": 2.0},
     "combination-full-data": {**ONLINE, "augment.flip": True, "augment.crop_padding": 4,
                               "model.dropout": 0.3, "train.weight_decay": 5e-4,
                               "data.train_size": None, "train.epochs": 30},
