@@ -16,6 +16,7 @@ is sent once more when the stage ends and can be replayed later with
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -66,8 +67,30 @@ def check_reachable(uri: str) -> None:
                          "to mlflow.db") from None
 
 
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialize the first contact with a SQLite store across processes: MLflow creates its
+    tables on first use, and two workers doing that at once fail ('table ... already exists')."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _experiment_id(name: str, uri: str) -> str:
     """Get or create the experiment; safe when several workers create it at the same time."""
+    with _store_lock(uri):
+        return _get_or_create_experiment(name, uri)
+
+
+def _get_or_create_experiment(name: str, uri: str) -> str:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:

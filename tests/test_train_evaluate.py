@@ -171,3 +171,22 @@ def test_verdict_is_written_and_logged(finished):
     assert "overfitting_epoch" in e and e["best_epoch"] >= 1
     run = client(finished).search_runs([client(finished).get_experiment_by_name("overfitting").experiment_id])[0]
     assert run.data.tags["verdict"] == e["verdict"]
+
+
+def test_parallel_workers_create_one_experiment(tmp_path):
+    """Four processes open runs at once in a new store and a new experiment: one experiment."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, {repo!r}); from stages import params as P, tracking\n"
+            "with tracking.start_run(P.parse({{'mlflow': {{'experiment': 'race'}}}}), None): pass\n")
+    env = {**__import__("os").environ, "DVC_ROOT": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    procs = [subprocess.Popen([sys.executable, "-c", code.format(repo=str(REPO))], env=env, cwd=tmp_path,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiments = [e for e in c.search_experiments() if e.name == "race"]
+    assert len(experiments) == 1
+    assert len(c.search_runs([experiments[0].experiment_id])) == 4
