@@ -93,12 +93,12 @@ def main() -> None:
 
 def fetch(source: str) -> tuple[Path, str | None]:
     """Return a local file or folder for the source, and the MD5 it was verified against."""
-    from torchvision.datasets.utils import check_integrity, download_url
+    from torchvision.datasets.utils import check_integrity
 
     if source in OFFICIAL:
         url, md5 = OFFICIAL[source]["url"], OFFICIAL[source]["md5"]
         name = Path(urlparse(url).path).name
-        _download(download_url, url, name, md5)
+        _download(url, name, md5)
         path = DOWNLOADS / name
         if not check_integrity(str(path), md5):
             path.unlink(missing_ok=True)
@@ -110,7 +110,7 @@ def fetch(source: str) -> tuple[Path, str | None]:
         name = Path(urlparse(source).path).name or "download"
         # Named by the URL's hash too, so two sources with the same file name never collide.
         name = f"{hashlib.sha1(source.encode()).hexdigest()[:10]}-{name}"
-        _download(download_url, source, name, None)
+        _download(source, name, None)
         return DOWNLOADS / name, None
     if scheme == "file":
         path = Path(urlparse(source).path)
@@ -129,7 +129,9 @@ def fetch(source: str) -> tuple[Path, str | None]:
 RETRIES = 3  # attempts for a transient failure (timeout, reset, HTTP 429/5xx), backing off 1, 2, 4 s
 
 
-def _download(download_url, url: str, name: str, md5: str | None) -> None:
+def _download(url: str, name: str, md5: str | None) -> None:
+    from torchvision.datasets.utils import download_url
+
     target = DOWNLOADS / name
     if target.exists() and md5 is None:
         return  # a user URL fetched before; data.sha256 guards its content

@@ -48,8 +48,8 @@ def main() -> None:
 
     train_x, train_y = load_split(PREPARED, "train")
     val_x, val_y = load_split(PREPARED, "val")
-    classes = sio.read_json(PREPARED / "meta.json")["classes"]
-    source_sha256 = sio.read_json(PREPARED / "meta.json").get("source_sha256")
+    meta = sio.read_json(PREPARED / "meta.json")
+    classes, source_sha256 = meta["classes"], meta.get("source_sha256")
     mean_std = models.channel_mean_std(train_x) if params.data.normalize == "dataset" else None
     model = models.build(params, len(classes), image_size=train_x.shape[-1], mean_std=mean_std)
     steps_per_epoch = math.ceil(len(train_x) / params.train.batch_size)
