@@ -39,7 +39,7 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from stages import io as sio, params as P
-from stages.errors import StageError
+from stages.errors import StageError, uninterrupted
 
 MISSED = Path("data/mlflow-missed")  # under the repository root
 
@@ -135,17 +135,21 @@ def start_run(params: P.Params, data_sha256: str | None,
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     if resume_id:
-        with _ended_by_outcome(mlflow.start_run(run_id=resume_id)) as run:
+        with uninterrupted():
+            run = mlflow.start_run(run_id=resume_id)
+        with _ended_by_outcome(run):
             yield run
         return
-    experiment_id = _experiment_id(params.mlflow.experiment, uri)
     tags = run_tags(params)
     if data_sha256:
         tags["data.sha256"] = data_sha256
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"),
-                           tags=tags)
+    with uninterrupted():
+        experiment_id = _experiment_id(params.mlflow.experiment, uri)
+        run = mlflow.start_run(experiment_id=experiment_id,
+                               run_name=os.environ.get("DVC_EXP_NAME"), tags=tags)
     with _ended_by_outcome(run):
-        mlflow.log_params(P.flatten(params))
+        with uninterrupted():
+            mlflow.log_params(P.flatten(params))
         yield run
 
 
@@ -154,7 +158,9 @@ def resume_run(run_id: str, mlflow_params: P.Mlflow) -> Iterator[mlflow.ActiveRu
     uri = tracking_uri(mlflow_params)
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    with _ended_by_outcome(mlflow.start_run(run_id=run_id)) as run:
+    with uninterrupted():
+        run = mlflow.start_run(run_id=run_id)
+    with _ended_by_outcome(run):
         yield run
 
 
@@ -190,7 +196,8 @@ def _call(send, record, run_id: str | None = None) -> None:
     global _journal
     if _journal is None:
         try:
-            send()
+            with uninterrupted():  # a write cut in half would leave a SQLite store locked
+                send()
             return
         except Exception as exc:  # noqa: BLE001 - any failure of the server or the network
             run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
