@@ -48,6 +48,9 @@ ROWS: dict[str, dict] = {
     "combination-full-data": {**ONLINE, "augment.flip": True, "augment.crop_padding": 4,
                               "model.dropout": 0.3, "train.weight_decay": 5e-4,
                               "data.train_size": None, "train.epochs": 30},
+    # The best row of the 5,000-image regime, on the full training set.
+    "wider-crop-flip-full-data": {**ONLINE, "augment.flip": True, "augment.crop_padding": 4,
+                                  "model.width": 2.0, "data.train_size": None, "train.epochs": 30},
 }
 SEEDS = (0, 1, 2)
 OUT = Path("reports/study.md")
