@@ -57,7 +57,7 @@ def main() -> None:
     data = params.data
 
     path, official_md5 = fetch(data.source)
-    sha256 = sha256_of(path) if path.is_file() else None
+    sha256 = sio.sha256_of(path) if path.is_file() else None
     if data.sha256 and path.is_file() and sha256 != data.sha256.lower():
         raise StageError(
             f"{path}: sha256 is {sha256}, but data.sha256 expects {data.sha256.lower()}"
@@ -160,14 +160,6 @@ def _transient(exc: Exception) -> bool:
     reason = getattr(exc, "reason", exc)
     return isinstance(reason, (TimeoutError, ConnectionResetError, http.client.IncompleteRead,
                                urllib.error.ContentTooShortError))
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- archives, read member by member --------------------------------------------------------------

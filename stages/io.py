@@ -9,6 +9,7 @@ file name into the archive (saving to `x.tmp` and renaming would give other byte
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -74,3 +75,11 @@ def save_figure(path: Path, fig) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     write_bytes(path, buf.getvalue())
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

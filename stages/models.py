@@ -2,7 +2,13 @@
 
 `net` is exactly the source document's network: conv 3→6 (5×5), max-pool 2, conv 6→16 (5×5),
 max-pool 2, fully connected 400→120→84→classes, ReLU. It expects 32×32 inputs. `cnn` is a plain
-configurable CNN for the model-size study: depth, width, batch norm.
+configurable CNN for the model-size study: depth, width, batch norm. The ImageNet backbones for
+fine-tuning (resnet18, mobilenet_v3_small, efficientnet_b0, efficientnet_lite0) come from
+stages/pretrained.py, with a new head for the target classes.
+
+Every model takes [0, 1] pixels at the data's size: `Normalized` resizes them to what the
+network wants and normalizes them, inside the model, so the saved and logged model needs no
+preprocessing of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stages import pretrained
 from stages.data import to_float
 from stages.errors import StageError
 
@@ -69,36 +76,55 @@ class CNN(nn.Module):
 
 
 class Normalized(nn.Module):
-    """(x - mean) / std per channel, then the network: the saved model takes [0, 1] pixels."""
+    """Resize to `size` (when given), (x - mean) / std per channel, then the network."""
 
-    def __init__(self, net: nn.Module, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+    def __init__(self, net: nn.Module, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                 size: int | None = None):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.size = size
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size and x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
         return self.net((x - self.mean) / self.std)
 
 
 def build(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module:
-    """The network that params.model names; wrapped in Normalized when data.normalize=dataset."""
+    """The network that params.model names, randomly initialized (train loads pretrained weights
+    into `network(model)`); wrapped in Normalized when it has to resize or normalize."""
     m = params.model
-    if m.name == "net":
-        if image_size != 32:
-            raise StageError(f"model.name = net needs data.image_size = 32 (got {image_size}): "
-                             "its first dense layer expects 16×5×5 features")
-        net: nn.Module = Net(num_classes, m.width, m.dropout, m.conv_dropout)
-    elif m.name == "cnn":
-        if image_size < 2 ** m.depth:
-            raise StageError(f"model.depth = {m.depth} halves the image {m.depth} times: "
-                             f"needs data.image_size >= {2 ** m.depth} (got {image_size})")
-        net = CNN(num_classes, m.depth, m.width, m.batch_norm, m.dropout, m.conv_dropout)
+    size = m.input_size or image_size
+    if m.name in pretrained.BACKBONES:
+        net: nn.Module = pretrained.imagenet_architecture(m.name)
+        pretrained.replace_head(net, m.name, num_classes)
+    elif m.name == "net":
+        if size != 32:
+            raise StageError(f"model.name = net needs 32×32 inputs (data.image_size or "
+                             f"model.input_size; got {size}): its first dense layer expects 16×5×5 features")
+        net = Net(num_classes, m.width, m.dropout, m.conv_dropout)
     else:
-        raise StageError(f"model.name = {m.name!r} is not built here")
+        if size < 2 ** m.depth:
+            raise StageError(f"model.depth = {m.depth} halves the image {m.depth} times: "
+                             f"needs data.image_size >= {2 ** m.depth} (got {size})")
+        net = CNN(num_classes, m.depth, m.width, m.batch_norm, m.dropout, m.conv_dropout)
+    if m.freeze_bn:
+        pretrained.freeze_batch_norm(net)
+    if m.name in pretrained.BACKBONES:
+        return Normalized(net, *pretrained.input_mean_std(m.name), size=size)
     if params.data.normalize == "dataset":
-        return Normalized(net, *(mean_std or ((0.0,) * 3, (1.0,) * 3)))
+        return Normalized(net, *(mean_std or ((0.0,) * 3, (1.0,) * 3)),
+                          size=size if size != image_size else None)
+    if size != image_size:
+        return Normalized(net, size=size)
     return net
+
+
+def network(model: nn.Module) -> nn.Module:
+    """The network inside the Normalized wrapper, whose parameter names the weights files use."""
+    return model.net if isinstance(model, Normalized) else model
 
 
 def channel_mean_std(images: torch.Tensor, chunk: int = 10_000):
@@ -120,8 +146,12 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Logits for uint8 images, in eval mode (no dropout) and large batches without gradients."""
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Logits for uint8 images, in eval mode (no dropout) and large batches without gradients:
+    1,000 images of 32×32, fewer of larger inputs (activations grow with the pixels)."""
+    if batch_size is None:
+        size = model.size if isinstance(model, Normalized) and model.size else images.shape[-1]
+        batch_size = max(50, min(1000, 1000 * 32 * 32 // (size * size)))
     was_training = model.training
     model.eval()
     logits = torch.cat([model(to_float(images[i:i + batch_size]))

@@ -52,13 +52,25 @@ class Augment(Section):
     copies: int = Field(0, ge=0, le=20)  # augmented copies of each training image, made offline
 
 
+BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0")
+
+
 class Model(Section):
-    name: Literal["net", "cnn"] = "net"  # net: the source's LeNet-style network; cnn: configurable
-    width: float = Field(1.0, gt=0, le=16)  # multiplies every layer's channels and units
+    # net: the source's LeNet-style network; cnn: configurable; or an ImageNet backbone
+    name: Literal["net", "cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0",
+                  "efficientnet_lite0"] = "net"
+    width: float = Field(1.0, gt=0, le=16)  # net, cnn: multiplies every layer's channels and units
     depth: int = Field(3, ge=1, le=5)  # cnn: conv blocks (3×3 conv, [batch norm], ReLU, max-pool 2)
     batch_norm: bool = False  # cnn: batch norm after each convolution
-    dropout: float = Field(0.0, ge=0, lt=1)  # p of dropout before each dense layer
-    conv_dropout: float = Field(0.0, ge=0, lt=1)  # p of spatial dropout after each conv block
+    dropout: float = Field(0.0, ge=0, lt=1)  # net, cnn: p of dropout before each dense layer
+    conv_dropout: float = Field(0.0, ge=0, lt=1)  # net, cnn: p of spatial dropout after each conv block
+    # none | imagenet | a state-dict file | runs:/<run id>/model or models:/... (stages/pretrained.py)
+    pretrained: str = Field("none", min_length=1)
+    input_size: int | None = Field(None, ge=16, le=512)  # pixels the network sees (resized in the model); null = data.image_size
+    freeze: str = Field("none", pattern=r"^(none|backbone|all_but_last_[1-9][0-9]*)$")  # parameters held fixed
+    freeze_bn: bool = False  # batch-norm statistics and affine parameters fixed
+
+
 
 
 class EarlyStopping(Section):
@@ -85,6 +97,9 @@ class Train(Section):
     step_gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: int = Field(0, ge=0)  # linear warm-up from 0 (none/cosine/step; onecycle has its own)
     early_stopping: EarlyStopping = EarlyStopping()
+    backbone_lr_mult: float = Field(1.0, ge=0)  # lr of everything but the head = lr * this
+    unfreeze_at_epoch: int = Field(0, ge=0)  # from this epoch on, model.freeze is lifted; 0 = never
+    l2_sp: float = Field(0.0, ge=0)  # loss += l2_sp * sum (w - w_pretrained)^2 (L2-SP)
     threads: int = Field(0, ge=0)  # PyTorch CPU threads; 0 = every core this process may use
 
 
@@ -114,7 +129,7 @@ class Params(Section):
 def parse(raw: dict[str, Any]) -> Params:
     """Validate a params dict; raise ParamsError with one line naming key, value and rule."""
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(part) for part in err["loc"])
@@ -123,6 +138,33 @@ def parse(raw: dict[str, Any]) -> Params:
             allowed = ", ".join(section.model_fields)
             raise ParamsError(f"params.yaml: unknown key '{key}' (allowed here: {allowed})") from None
         raise ParamsError(f"params.yaml: {key} = {err['input']!r}: {err['msg']}") from None
+    check_combinations(params)
+    return params
+
+
+def check_combinations(params: Params) -> None:
+    """Values that are fine alone but mean nothing together: an error, not a silent no-op."""
+    m, t = params.model, params.train
+    if m.name in BACKBONES:
+        for key, default in [("width", 1.0), ("depth", 3), ("batch_norm", False),
+                             ("dropout", 0.0), ("conv_dropout", 0.0)]:
+            if getattr(m, key) != default:
+                raise ParamsError(f"params.yaml: model.{key} = {getattr(m, key)!r} applies to net "
+                                  f"and cnn, not to {m.name} (leave it at {default!r})")
+        if params.data.normalize == "dataset":
+            raise ParamsError(f"params.yaml: data.normalize = dataset is for net and cnn; "
+                              f"{m.name} normalizes its inputs as its ImageNet weights expect")
+    elif m.pretrained == "imagenet":
+        raise ParamsError(f"params.yaml: model.pretrained = imagenet: there are no ImageNet "
+                          f"weights for {m.name} (allowed: {', '.join(BACKBONES)})")
+    if m.name == "net" and m.input_size not in (None, 32):
+        raise ParamsError(f"params.yaml: model.input_size = {m.input_size}: net takes 32×32 images")
+    if t.l2_sp and m.pretrained == "none":
+        raise ParamsError("params.yaml: train.l2_sp needs pretrained weights to stay close to "
+                          "(model.pretrained is none)")
+    if t.unfreeze_at_epoch and m.freeze == "none":
+        raise ParamsError(f"params.yaml: train.unfreeze_at_epoch = {t.unfreeze_at_epoch}, but "
+                          "model.freeze is none: nothing to unfreeze")
 
 
 def load(path: Path = PARAMS_FILE) -> Params:

@@ -31,6 +31,15 @@ def l2_penalty(model: nn.Module) -> torch.Tensor:
     return sum(p.pow(2).sum() for p in penalized_weights(model))  # type: ignore[return-value]
 
 
+def l2_sp_penalty(net: nn.Module, start_values: dict[str, torch.Tensor]) -> torch.Tensor:
+    """sum (w - w0)^2 over the pretrained weights w0 (Li et al., 2018, "Explicit inductive bias
+    for transfer learning"): plain L2 pulls the weights to zero, forgetting what pretraining
+    learned; L2-SP pulls them back to where fine-tuning started. The new head has no starting
+    point and is not in it (train.l2 covers it)."""
+    return sum((p - start_values[k]).pow(2).sum() for k, p in net.named_parameters()  # type: ignore[return-value]
+               if k in start_values and p.ndim > 1 and p.requires_grad)
+
+
 def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """weight_c = N / (K * n_c): inverse class frequency, 1 for every class of a balanced set."""
     counts = torch.bincount(labels, minlength=num_classes).float()

