@@ -3,7 +3,9 @@
 Images stay uint8 NCHW tensors (50,000 CIFAR images are 150 MB) and become float only batch by
 batch, so no epoch ever touches PIL or a per-sample transform. Augmentation draws one random
 choice per image but works on the whole tensor at once, airbench-style: pad once, crop by
-gathering shifted rows and columns, flip with a mask.
+gathering shifted rows and columns, flip with a mask. Random draws come from a CPU generator
+whatever the device, so an epoch's augmentation is the same on a GPU as on a CPU; the pixels
+are transformed where they are.
 """
 
 from __future__ import annotations
@@ -71,17 +73,18 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     """torchvision's RandomCrop(size, padding) per image, done for the whole batch at once."""
     n, _, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))  # zeros, like RandomCrop
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
     # Gather rows first, then columns: two cheap index_select-like gathers instead of 81 slices.
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, padded.shape[1], h, padded.shape[3])
+    arange = lambda k: torch.arange(k, device=images.device)  # noqa: E731
+    rows = (dy[:, None] + arange(h))[:, None, :, None].expand(n, padded.shape[1], h, padded.shape[3])
     out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, padded.shape[1], h, w)
+    cols = (dx[:, None] + arange(w))[:, None, None, :].expand(n, padded.shape[1], h, w)
     return out.gather(3, cols)
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
@@ -101,8 +104,9 @@ def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.T
     level = torch.randint(bins, (n,), generator=generator)
     negative = torch.rand(n, generator=generator) < 0.5
     out = images.clone()
-    for key in torch.unique(op * 2 * bins + level * 2 + negative.long()).tolist():
-        which = (op * 2 * bins + level * 2 + negative.long()) == key
+    keys = op * 2 * bins + level * 2 + negative.long()
+    for key in torch.unique(keys).tolist():
+        which = (keys == key).to(images.device)
         name, (magnitudes_fn, signed) = space[key // (2 * bins)]
         magnitudes = magnitudes_fn(bins, h, w)
         magnitude = 0.0 if magnitudes is None else float(magnitudes[(key // 2) % bins])
@@ -118,7 +122,8 @@ def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generat
     n = images.shape[0]
 
     def factors() -> torch.Tensor:
-        return (1 + strength * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)).clamp(min=0)
+        drawn = 1 + strength * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
+        return drawn.clamp(min=0).to(images.device)
 
     x = images.float() / 255
     x = (x * factors()).clamp(0, 1)  # brightness: scale towards black
@@ -144,7 +149,7 @@ def random_erasing(images: torch.Tensor, p: float, generator: torch.Generator) -
     in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # n × h
     in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # n × w
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & erase[:, None, None])[:, None]
-    return images.masked_fill(mask, 0)
+    return images.masked_fill(mask.to(images.device), 0)
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:

@@ -2,7 +2,8 @@
 
 `net` is exactly the source document's network: conv 3→6 (5×5), max-pool 2, conv 6→16 (5×5),
 max-pool 2, fully connected 400→120→84→classes, ReLU. It expects 32×32 inputs. `cnn` is a plain
-configurable CNN for the model-size study: depth, width, batch norm. The ImageNet backbones for
+configurable CNN for the model-size study: depth, width, batch norm. `resnet9` is the network of
+the fast GPU preset (stages/presets/fast-gpu.yaml). The ImageNet backbones for
 fine-tuning (resnet18, mobilenet_v3_small, efficientnet_b0, efficientnet_lite0) come from
 stages/pretrained.py, with a new head for the target classes.
 
@@ -75,6 +76,36 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
+class ResNet9(nn.Module):
+    """The small residual network of the fast CIFAR-10 trainers (Myrtle.ai's DAWNBench entry,
+    94% in 24 epochs): a 64-channel conv, then three stages of conv-BN-ReLU-max-pool at 128, 256
+    and 512 channels, the first and the last followed by a residual block of two such convs;
+    global max-pool and one dense layer, whose logits are scaled by 1/8 (softer at the start)."""
+
+    def __init__(self, num_classes: int = 10, width: float = 1.0):
+        super().__init__()
+        c0, c1, c2, c3 = (max(1, round(n * width)) for n in (64, 128, 256, 512))
+
+        def conv_bn(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.prep = conv_bn(3, c0)
+        self.layer1 = nn.Sequential(conv_bn(c0, c1), nn.MaxPool2d(2))
+        self.res1 = nn.Sequential(conv_bn(c1, c1), conv_bn(c1, c1))
+        self.layer2 = nn.Sequential(conv_bn(c1, c2), nn.MaxPool2d(2))
+        self.layer3 = nn.Sequential(conv_bn(c2, c3), nn.MaxPool2d(2))
+        self.res3 = nn.Sequential(conv_bn(c3, c3), conv_bn(c3, c3))
+        self.fc = nn.Linear(c3, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer1(self.prep(x))
+        x = x + self.res1(x)
+        x = self.layer3(self.layer2(x))
+        x = x + self.res3(x)
+        return self.fc(torch.amax(x, dim=(2, 3))) * 0.125
+
+
 class Normalized(nn.Module):
     """Resize to `size` (when given), (x - mean) / std per channel, then the network."""
 
@@ -105,6 +136,11 @@ def build(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module
             raise StageError(f"model.name = net needs 32×32 inputs (data.image_size or "
                              f"model.input_size; got {size}): its first dense layer expects 16×5×5 features")
         net = Net(num_classes, m.width, m.dropout, m.conv_dropout)
+    elif m.name == "resnet9":
+        if size < 8:
+            raise StageError(f"model.name = resnet9 halves the image 3 times: needs inputs of "
+                             f"at least 8 pixels (got {size})")
+        net = ResNet9(num_classes, m.width)
     else:
         if size < 2 ** m.depth:
             raise StageError(f"model.depth = {m.depth} halves the image {m.depth} times: "
@@ -149,13 +185,16 @@ def count_parameters(model: nn.Module) -> int:
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Logits for uint8 images, in eval mode (no dropout) and large batches without gradients:
     1,000 images of 32×32, fewer of larger inputs (activations grow with the pixels)."""
+    inner = getattr(model, "_orig_mod", model)  # under torch.compile
     if batch_size is None:
-        size = model.size if isinstance(model, Normalized) and model.size else images.shape[-1]
+        size = inner.size if isinstance(inner, Normalized) and inner.size else images.shape[-1]
         batch_size = max(50, min(1000, 1000 * 32 * 32 // (size * size)))
+    device = next(inner.parameters()).device
     was_training = model.training
     model.eval()
-    logits = torch.cat([model(to_float(images[i:i + batch_size]))
-                        for i in range(0, len(images), batch_size)])
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = torch.cat([model(to_float(images[i:i + batch_size].to(device))).float()
+                            for i in range(0, len(images), batch_size)])
     model.train(was_training)
     return logits
 

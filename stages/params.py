@@ -57,9 +57,9 @@ BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_
 
 class Model(Section):
     # net: the source's LeNet-style network; cnn: configurable; or an ImageNet backbone
-    name: Literal["net", "cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0",
+    name: Literal["net", "cnn", "resnet9", "resnet18", "mobilenet_v3_small", "efficientnet_b0",
                   "efficientnet_lite0"] = "net"
-    width: float = Field(1.0, gt=0, le=16)  # net, cnn: multiplies every layer's channels and units
+    width: float = Field(1.0, gt=0, le=16)  # net, cnn, resnet9: multiplies every layer's channels and units
     depth: int = Field(3, ge=1, le=5)  # cnn: conv blocks (3×3 conv, [batch norm], ReLU, max-pool 2)
     batch_norm: bool = False  # cnn: batch norm after each convolution
     dropout: float = Field(0.0, ge=0, lt=1)  # net, cnn: p of dropout before each dense layer
@@ -100,6 +100,8 @@ class Train(Section):
     backbone_lr_mult: float = Field(1.0, ge=0)  # lr of everything but the head = lr * this
     unfreeze_at_epoch: int = Field(0, ge=0)  # from this epoch on, model.freeze is lifted; 0 = never
     l2_sp: float = Field(0.0, ge=0)  # loss += l2_sp * sum (w - w_pretrained)^2 (L2-SP)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
+    compile: bool = False  # torch.compile the model (slower for net on a CPU: README "Speed")
     threads: int = Field(0, ge=0)  # PyTorch CPU threads; 0 = every core this process may use
 
 
@@ -142,15 +144,20 @@ def parse(raw: dict[str, Any]) -> Params:
     return params
 
 
+# The model.* keys that shape a network, and the networks they shape.
+SHAPE_KEYS = {"width": ("net", "cnn", "resnet9"), "depth": ("cnn",), "batch_norm": ("cnn",),
+              "dropout": ("net", "cnn"), "conv_dropout": ("net", "cnn")}
+
+
 def check_combinations(params: Params) -> None:
     """Values that are fine alone but mean nothing together: an error, not a silent no-op."""
     m, t = params.model, params.train
+    for key, models in SHAPE_KEYS.items():
+        default = Model.model_fields[key].default
+        if m.name not in models and getattr(m, key) != default:
+            raise ParamsError(f"params.yaml: model.{key} = {getattr(m, key)!r} applies to "
+                              f"{' and '.join(models)}, not to {m.name} (leave it at {default!r})")
     if m.name in BACKBONES:
-        for key, default in [("width", 1.0), ("depth", 3), ("batch_norm", False),
-                             ("dropout", 0.0), ("conv_dropout", 0.0)]:
-            if getattr(m, key) != default:
-                raise ParamsError(f"params.yaml: model.{key} = {getattr(m, key)!r} applies to net "
-                                  f"and cnn, not to {m.name} (leave it at {default!r})")
         if params.data.normalize == "dataset":
             raise ParamsError(f"params.yaml: data.normalize = dataset is for net and cnn; "
                               f"{m.name} normalizes its inputs as its ImageNet weights expect")
@@ -177,6 +184,20 @@ def load(path: Path = PARAMS_FILE) -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
     return parse(raw)
+
+
+def with_changes(raw: dict, changes: dict[str, Any]) -> dict:
+    """A copy of a params dict with dotted changes applied: {"train.lr": 0.01} sets train: lr."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for key, value in changes.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
 def flatten(params: Params) -> dict[str, Any]:

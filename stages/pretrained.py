@@ -36,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision's ImageNet weights exp
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Where each network's classifier head is (a Linear layer), by its name in the state dict.
-HEADS = {"net": "fc3", "cnn": "head.3", "resnet18": "fc", "mobilenet_v3_small": "classifier.3",
+HEADS = {"net": "fc3", "cnn": "head.3", "resnet9": "fc", "resnet18": "fc", "mobilenet_v3_small": "classifier.3",
          "efficientnet_b0": "classifier.1", "efficientnet_lite0": "_fc"}
 
 
@@ -73,6 +73,8 @@ def blocks(net: nn.Module, name: str) -> list[list[nn.Module]]:
                 found.append([])
             found[-1].append(layer)
         return found
+    if name == "resnet9":
+        return [[net.prep], [net.layer1], [net.res1], [net.layer2], [net.layer3], [net.res3]]
     if name == "resnet18":
         return [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
     if name == "mobilenet_v3_small":

@@ -66,7 +66,7 @@ def overrides(row: str, seed: int, source: str | None, sha256: str | None) -> di
         values["data.source"] = source
     if sha256:
         values["data.sha256"] = sha256
-    P.parse(_nest(values))  # a typo in the grid fails here, before anything is queued
+    P.parse(P.with_changes({}, values))  # a typo in the grid fails here, before anything is queued
     return values
 
 
@@ -127,17 +127,6 @@ def _pm(values: list[float], unit: str = "%") -> str:
     if len(values) == 1:
         return f"{mean:.1f}{unit}"
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}{unit}"
-
-
-def _nest(flat: dict) -> dict:
-    nested: dict = {}
-    for key, value in flat.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
 
 
 def main() -> None:

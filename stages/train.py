@@ -45,6 +45,7 @@ def main() -> None:
     params = P.load()
     torch.set_num_threads(params.train.threads or default_threads())
     torch.manual_seed(params.seed)
+    device = resolve_device(params.train.device)
 
     train_x, train_y = load_split(PREPARED, "train")
     val_x, val_y = load_split(PREPARED, "val")
@@ -63,13 +64,20 @@ def main() -> None:
                                                  tracking.tracking_uri(params.mlflow))
         loaded = pretrained.load_into(net, state, name)
         start_values = {k: p.detach().clone() for k, p in net.named_parameters() if k in loaded}
+    checkpoint = checkpoint_path(params, weights.get("sha256", ""), train_x, train_y, val_x, val_y)
+
+    # On a GPU the whole data set moves there once, as uint8, and is augmented there.
+    train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    start_values = {k: v.to(device) for k, v in start_values.items()}
     frozen = pretrained.frozen_parameters(net, name, params.model.freeze)
     head = net.get_submodule(pretrained.HEADS[name])
+    forward = torch.compile(model) if params.train.compile else model  # same parameters
 
     steps_per_epoch = math.ceil(len(train_x) / params.train.batch_size)
     optimizer = make_optimizer(params.train, model, head)
     scheduler = make_scheduler(params.train, optimizer, steps_per_epoch)
-    class_weights = (regularize.balanced_class_weights(train_y, len(classes))
+    class_weights = (regularize.balanced_class_weights(train_y, len(classes)).to(device)
                      if params.train.class_weighting == "balanced" else None)
     loss_fn = make_loss(params.train, model, class_weights, net, start_values)
     policy = Policy.from_params(params.augment) if params.augment.online else Policy()
@@ -83,7 +91,6 @@ def main() -> None:
     # before rerunning the stage) and is named by everything that shapes training, so a run with
     # other params or data never picks it up. Every epoch reseeds from (seed, epoch): the resumed
     # run is bit-identical to an uninterrupted one.
-    checkpoint = checkpoint_path(params, weights.get("sha256", ""), train_x, train_y, val_x, val_y)
     resumed = sio.load_torch(checkpoint) if checkpoint.exists() else None
     if resumed:
         model.load_state_dict(resumed["model"])
@@ -106,13 +113,13 @@ def main() -> None:
                 p.requires_grad_(not still_frozen)  # no gradient: the optimizer leaves it alone
             torch.manual_seed(params.seed * 1_000_003 + epoch)  # dropout, mixup: replayable per epoch
             start = time.perf_counter()
-            batch_loss = train_one_epoch(model, train_x, train_y, optimizer, scheduler, loss_fn,
+            batch_loss = train_one_epoch(forward, train_x, train_y, optimizer, scheduler, loss_fn,
                                          params.train.batch_size, policy, mixer,
                                          epoch_generator(params.seed, epoch),
                                          desc=f"epoch {epoch}/{params.train.epochs}")
             seconds = time.perf_counter() - start
-            row = {"epoch": epoch, **measure(model, train_x, train_y, "train"),
-                   **measure(model, val_x, val_y, "val")}
+            row = {"epoch": epoch, **measure(forward, train_x, train_y, "train"),
+                   **measure(forward, val_x, val_y, "val")}
             history.append(row)
             tracking.log_metrics({**row, "train_batch_loss": batch_loss, "epoch_seconds": seconds,
                                   "gap": row["train_accuracy"] - row["val_accuracy"],
@@ -139,6 +146,7 @@ def main() -> None:
         summary = {**{k: saved[k] for k in CURVE_COLUMNS[1:]}, "epochs_run": len(history),
                    "best_epoch": stopper.best_epoch, "num_parameters": models.count_parameters(model),
                    "trainable_parameters": trainable_parameters(model)}
+        model.cpu()  # saved and logged as a CPU model
         sio.save_torch(MODEL, {"state_dict": model.state_dict(), "params": params.model_dump(),
                                "classes": classes, "epoch": saved["epoch"]})
         sio.write_json(METRICS, summary)
@@ -149,7 +157,7 @@ def main() -> None:
         tracking.log_metrics({f"final_{k}": v for k, v in summary.items()})
         for path in [P.PARAMS_FILE, METRICS, CURVES, CURVES_PNG]:
             tracking.log_artifact(path)
-        tracking.log_model(model.eval(), to_float(val_x[:2]), MODEL)
+        tracking.log_model(model.eval(), to_float(val_x[:2].cpu()), MODEL)
     checkpoint.unlink()  # finished: the outputs are written
 
 
@@ -181,6 +189,16 @@ def default_threads() -> int:
         except (ValueError, OSError):
             pass  # a stale file of a worker that has gone
     return max(1, cores // max(1, workers))
+
+
+def resolve_device(choice: str) -> torch.device:
+    """train.device: auto = the GPU when there is one."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise StageError("train.device = cuda, but PyTorch sees no CUDA GPU here "
+                         "(use auto or cpu)")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -248,30 +266,39 @@ def make_loss(train: P.Train, model: nn.Module, class_weights: torch.Tensor | No
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     optimizer: torch.optim.Optimizer, scheduler, loss_fn, batch_size: int,
                     policy: Policy, mixer, generator: torch.Generator, desc: str = "") -> float:
-    """One pass over the (augmented, shuffled) training set; returns the mean batch loss."""
+    """One pass over the (augmented, shuffled) training set; returns the mean batch loss.
+
+    The images stay where they are (CPU or GPU); on a GPU the forward pass runs in bf16 autocast
+    on channels-last batches. Batch losses stay on the device until the end of the epoch, so
+    the loop never waits for the GPU."""
     model.train()
     if policy.active:
         images = augment(images, policy, generator)
-    order = torch.randperm(len(images), generator=generator)
-    total = 0.0
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    cuda = images.device.type == "cuda"
+    losses = []
     bar = tqdm(range(0, len(images), batch_size), desc=desc, leave=False,
                disable=not sys.stderr.isatty())
     for start in bar:
         idx = order[start:start + batch_size]
         x, y = to_float(images[idx]), labels[idx]
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
         if mixer is not None:
             x, y = mixer(x, y)  # y becomes class probabilities
-        loss = loss_fn(model(x), y)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise StageError(f"the training loss became {value} at step {start // batch_size + 1} "
-                             f"of {desc or 'the epoch'}: lower train.lr or the penalties")
-        total += value * len(idx)
-    return total / len(images)
+        losses.append(loss.detach().float() * len(idx))
+    losses = torch.stack(losses).cpu()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        raise StageError(f"the training loss became {losses[bad[0, 0]].item()} at step "
+                         f"{bad[0, 0].item() + 1} of {desc or 'the epoch'}: lower train.lr or the penalties")
+    return losses.sum().item() / len(images)
 
 
 class EarlyStopping:

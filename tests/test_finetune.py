@@ -196,7 +196,8 @@ def test_discriminative_learning_rates():
 @pytest.mark.parametrize("change, message", [
     ({"train": {"l2_sp": 0.01}}, "train.l2_sp needs pretrained weights"),
     ({"model": {"name": "net", "pretrained": "imagenet"}}, "no ImageNet weights for net"),
-    ({"model": {"name": "resnet18", "width": 2}}, "model.width = 2.0 applies to net and cnn"),
+    ({"model": {"name": "resnet18", "width": 2}}, "model.width = 2.0 applies to net and cnn and resnet9"),
+    ({"model": {"name": "net", "depth": 4}}, "model.depth = 4 applies to cnn, not to net"),
     ({"model": {"name": "resnet18"}, "data": {"normalize": "dataset"}}, "data.normalize = dataset"),
     ({"model": {"freeze": "none"}, "train": {"unfreeze_at_epoch": 3}}, "nothing to unfreeze"),
     ({"model": {"freeze": "all_but_last_x"}}, "model.freeze = 'all_but_last_x'"),
