@@ -35,6 +35,7 @@ study: install
 bench: install
 	python benchmarks/bench.py
 	python benchmarks/threads.py
+	python benchmarks/compile.py
 
 # Re-pin after changing pyproject.toml's dependencies. CUDA wheels are left to torch's own pins,
 # so that the lock also installs where they don't exist.

@@ -24,3 +24,6 @@ def test_every_row_of_the_grid_is_valid_params():
         for seed in study.SEEDS:
             values = study.overrides(row, seed, "data.tar.gz", None)
             assert values["seed"] == seed and values["data.train_size"] in (5000, None)
+    for row in study.FINETUNE_ROWS:
+        values = study.overrides(row, 0, "data.tar.gz", None, grid="finetune")
+        assert values["model.name"] == "efficientnet_lite0" and values["data.train_size"] in (1000, 5000)
