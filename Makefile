@@ -2,6 +2,7 @@
 # make run:     install, then the whole pipeline (dvc repro)
 # make test:    install, then the test suite
 # make bench:   epoch speed of the source's loop, the pipeline and pure compute
+# make preset:  a named set of params as one DVC experiment (make preset PRESET=fast-gpu)
 # make study:   the regularization study as queued DVC experiments, then its table
 #               (e.g. make study STUDY_ARGS="--source ../shared/data/cifar10-jpg.tar.gz")
 VENV   := .venv
@@ -12,7 +13,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # No network access but the data download: no usage telemetry from MLflow.
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install run test study bench lock clean-venv
+.PHONY: install run test study bench preset lock clean-venv
 
 install: $(STAMP)
 
@@ -30,6 +31,10 @@ test: install
 STUDY_ARGS ?=
 study: install
 	python -m stages.study run $(STUDY_ARGS)
+
+PRESET ?= fast-gpu
+preset: install
+	python -m stages.preset $(PRESET)
 
 # Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md})
 bench: install

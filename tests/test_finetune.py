@@ -249,6 +249,12 @@ def test_fine_tuning_lite0_trains_only_the_head_and_can_start_the_next_run(tiny_
     assert from_run.keys() == {k[4:] for k in state if k.startswith("net.")}
     assert all(torch.equal(from_run[k], state["net." + k]) for k in from_run)
     assert run_info["source"] == f"runs:/{run_id}/model"
+    import mlflow  # the model registry's URIs work the same way
+
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.register_model(f"runs:/{run_id}/model", "lite0-probe").version
+    from_registry, _ = pretrained.load_weights(f"models:/lite0-probe/{version}", "efficientnet_lite0", uri)
+    assert all(torch.equal(from_registry[k], from_run[k]) for k in from_run)
     with pytest.raises(StageError, match="holds a efficientnet_lite0, but model.name is resnet18"):
         pretrained.load_weights(f"runs:/{run_id}/model", "resnet18", uri)
 
