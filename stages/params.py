@@ -166,6 +166,9 @@ def check_combinations(params: Params) -> None:
                           f"weights for {m.name} (allowed: {', '.join(BACKBONES)})")
     if m.name == "net" and m.input_size not in (None, 32):
         raise ParamsError(f"params.yaml: model.input_size = {m.input_size}: net takes 32×32 images")
+    if m.freeze_bn and (m.name == "net" or (m.name == "cnn" and not m.batch_norm)):
+        raise ParamsError(f"params.yaml: model.freeze_bn = true, but {m.name} has no batch norm "
+                          "here (cnn needs model.batch_norm = true)")
     if t.l2_sp and m.pretrained == "none":
         raise ParamsError("params.yaml: train.l2_sp needs pretrained weights to stay close to "
                           "(model.pretrained is none)")

@@ -202,6 +202,7 @@ def test_discriminative_learning_rates():
     ({"model": {"freeze": "none"}, "train": {"unfreeze_at_epoch": 3}}, "nothing to unfreeze"),
     ({"model": {"freeze": "all_but_last_x"}}, "model.freeze = 'all_but_last_x'"),
     ({"model": {"name": "resnet50"}}, "model.name = 'resnet50'"),
+    ({"model": {"name": "net", "freeze_bn": True}}, "net has no batch norm"),
 ])
 def test_fine_tuning_params_that_mean_nothing_are_refused(change, message):
     with pytest.raises(ParamsError, match=message):
