@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from stages import pretrained
 from stages.data import to_float
 from stages.errors import StageError
+from stages.params import BACKBONES
 
 
 class Net(nn.Module):
@@ -128,7 +129,7 @@ def build(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module
     into `network(model)`); wrapped in Normalized when it has to resize or normalize."""
     m = params.model
     size = m.input_size or image_size
-    if m.name in pretrained.BACKBONES:
+    if m.name in BACKBONES:
         net: nn.Module = pretrained.imagenet_architecture(m.name)
         pretrained.replace_head(net, m.name, num_classes)
     elif m.name == "net":
@@ -148,7 +149,7 @@ def build(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module
         net = CNN(num_classes, m.depth, m.width, m.batch_norm, m.dropout, m.conv_dropout)
     if m.freeze_bn:
         pretrained.freeze_batch_norm(net)
-    if m.name in pretrained.BACKBONES:
+    if m.name in BACKBONES:
         return Normalized(net, *pretrained.input_mean_std(m.name), size=size)
     if params.data.normalize == "dataset":
         return Normalized(net, *(mean_std or ((0.0,) * 3, (1.0,) * 3)),

@@ -203,6 +203,12 @@ def with_changes(raw: dict, changes: dict[str, Any]) -> dict:
     return out
 
 
+def set_options(changes: dict[str, Any]) -> list[str]:
+    """Dotted changes as `dvc exp run` options: ["-S", "train.lr=0.01", ...] (None is null)."""
+    return [arg for key, value in changes.items()
+            for arg in ("-S", f"{key}={'null' if value is None else value}")]
+
+
 def flatten(params: Params) -> dict[str, Any]:
     """{'train.lr': 0.001, ...}: the names MLflow logs, as written in params.yaml."""
 

@@ -32,11 +32,7 @@ def load(name: str) -> dict:
 
 def command(name: str, overrides: dict, queue: bool, extra: list[str]) -> list[str]:
     cmd = ["dvc", "exp", "run", "-n", name] + (["--queue"] if queue else [])
-    for key, value in overrides.items():
-        cmd += ["-S", f"{key}={'null' if value is None else value}"]
-    for item in extra:
-        cmd += ["-S", item]
-    return cmd
+    return cmd + P.set_options(overrides) + [arg for item in extra for arg in ("-S", item)]
 
 
 def main() -> None:

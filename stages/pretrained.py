@@ -31,7 +31,6 @@ import torch.nn as nn
 
 from stages import efficientnet_lite, io as sio
 from stages.errors import StageError
-from stages.params import BACKBONES  # noqa: F401 - the names model.name accepts
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what torchvision's ImageNet weights expect, on [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

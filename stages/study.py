@@ -98,12 +98,8 @@ def overrides(row: str, seed: int, source: str | None, sha256: str | None,
 def queue(rows, seeds, source, sha256, grid: str = "regularization") -> None:
     for row in rows:
         for seed in seeds:
-            args = [f"{k}={'null' if v is None else v}"
-                    for k, v in overrides(row, seed, source, sha256, grid).items()]
             cmd = ["dvc", "exp", "run", "--queue", "-n", exp_name(row, seed)]
-            for arg in args:
-                cmd += ["-S", arg]
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd + P.set_options(overrides(row, seed, source, sha256, grid)), check=True)
 
 
 def wait_for_queue(poll_seconds: float = 15) -> None:
