@@ -6,7 +6,8 @@
 
 The table has one row per run: its name (the DVC experiment's, when it came from one), the params
 whose values differ between the runs, train / validation / test accuracy, the gap, the best epoch,
-the epochs run, the minutes it took and the verdict. curves.png overlays the validation accuracy
+the epochs run, the minutes it took and the verdict; multi-task runs add their auxiliary tasks'
+test accuracy (coarse acc, rotation acc). curves.png overlays the validation accuracy
 per epoch; gap.png shows each run's generalization gap.
 """
 
@@ -43,10 +44,15 @@ def differing_params(runs) -> list[str]:
             and not k.startswith("mlflow.")]
 
 
+TASK_METRICS = ("test_coarse_accuracy", "test_rotation_accuracy")  # multi-task runs (stages/tasks.py)
+
+
 def table(runs) -> str:
     keys = differing_params(runs)
-    header = ["run", *keys, "train acc", "val acc", "test acc", "gap", "best epoch", "epochs",
-              "minutes", "verdict"]
+    task_keys = [k for k in TASK_METRICS if any(k in r.data.metrics for r in runs)]
+    header = ["run", *keys, "train acc", "val acc", "test acc",
+              *(k[len("test_"):].replace("_accuracy", " acc") for k in task_keys),
+              "gap", "best epoch", "epochs", "minutes", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         m = r.data.metrics
@@ -54,6 +60,7 @@ def table(runs) -> str:
         cells = [r.info.run_name, *(r.data.params.get(k, "") for k in keys),
                  f"{m.get('final_train_accuracy', float('nan')):.3f}",
                  f"{m.get('final_val_accuracy', float('nan')):.3f}", f"{m['test_accuracy']:.3f}",
+                 *(f"{m[k]:.3f}" if k in m else "" for k in task_keys),
                  f"{m.get('generalization_gap', float('nan')):+.3f}",
                  f"{m.get('final_best_epoch', 0):.0f}", f"{m.get('final_epochs_run', 0):.0f}",
                  f"{minutes:.1f}", r.data.tags.get("verdict", "")]

@@ -1,7 +1,8 @@
 """Stage `evaluate`: the trained model on the untouched test set, logged into train's MLflow run.
 
 Reads params: evaluate.*, mlflow.tracking_uri (to find the run's store).
-Writes metrics/eval.json: test loss and accuracy, per-class accuracy, the generalization gap
+Writes metrics/eval.json: test loss and accuracy (and each auxiliary task's, for a multi-task
+model), per-class accuracy, the generalization gap
 (train accuracy - test accuracy, both of the saved model in eval mode) and a diagnosis: the epoch
 where validation loss started rising while training loss kept falling, and a verdict
 (overfitting | underfitting | good_fit); reports/confusion.csv (one row per test image, for
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages import errors, io as sio, models, params as P, tracking
+from stages import errors, io as sio, models, params as P, tasks, tracking
 from stages.data import load_split
 
 RAW = Path("data/raw")
@@ -45,10 +46,18 @@ def main() -> None:
     per_class = (matrix.diagonal() / matrix.sum(1).clip(min=1)).tolist()
     trained = sio.read_json(TRAIN_METRICS)
     gap = trained["train_accuracy"] - test_accuracy
+    # A multi-task model's auxiliary tasks on the test set: test_<task>_loss, test_<task>_accuracy
+    aux = {}
+    if tasks.active(trained_with.tasks):
+        coarse = (tasks.coarse_mapping(trained_with.tasks.coarse.groups, classes)
+                  if "coarse" in tasks.active(trained_with.tasks) else None)
+        aux = {k: v for k, v in models.measure(model, test_x, test_y, "test", coarse).items()
+               if k not in ("test_loss", "test_accuracy")}
 
     metrics = {
         "test_accuracy": test_accuracy,
         "test_loss": test_loss,
+        **aux,
         "generalization_gap": gap,
         "per_class_accuracy": dict(zip(classes, per_class)),
         "best_epoch": trained["best_epoch"],
@@ -61,7 +70,7 @@ def main() -> None:
     save_confusion_png(matrix, classes, test_accuracy)
 
     with tracking.resume_run(sio.read_json(RUN)["run_id"], params.mlflow):
-        tracking.log_metrics({"test_accuracy": test_accuracy, "test_loss": test_loss,
+        tracking.log_metrics({"test_accuracy": test_accuracy, "test_loss": test_loss, **aux,
                               "generalization_gap": gap,
                               "overfitting_epoch": metrics["overfitting_epoch"] or 0})
         tracking.set_tags({"verdict": metrics["verdict"]})

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stages import pretrained
+from stages import pretrained, tasks
 from stages.data import to_float
 from stages.errors import StageError
 from stages.params import BACKBONES
@@ -126,7 +126,18 @@ class Normalized(nn.Module):
 
 def build(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module:
     """The network that params.model names, randomly initialized (train loads pretrained weights
-    into `network(model)`); wrapped in Normalized when it has to resize or normalize."""
+    into `network(model)`); wrapped in Normalized when it has to resize or normalize, and in
+    tasks.MultiTask when an auxiliary task is on."""
+    model = _build_one(params, num_classes, image_size, mean_std)
+    sizes = tasks.output_sizes(params.tasks)
+    if not sizes:
+        return model
+    head = network(model).get_submodule(pretrained.HEADS[params.model.name])
+    return tasks.MultiTask(model, head, sizes, tasks.active(params.tasks),
+                           learn_weights=params.tasks.weighting == "uncertainty")
+
+
+def _build_one(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module:
     m = params.model
     size = m.input_size or image_size
     if m.name in BACKBONES:
@@ -160,7 +171,9 @@ def build(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module
 
 
 def network(model: nn.Module) -> nn.Module:
-    """The network inside the Normalized wrapper, whose parameter names the weights files use."""
+    """The network inside the MultiTask and Normalized wrappers, whose parameter names the
+    weights files use."""
+    model = tasks.unwrap(model)
     return model.net if isinstance(model, Normalized) else model
 
 
@@ -183,21 +196,50 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int | None = None,
+            all_tasks: bool = False):
     """Logits for uint8 images, in eval mode (no dropout) and large batches without gradients:
-    1,000 images of 32×32, fewer of larger inputs (activations grow with the pixels)."""
+    1,000 images of 32×32, fewer of larger inputs (activations grow with the pixels).
+    all_tasks: a MultiTask model's {task: logits}, every head on the same images."""
     inner = getattr(model, "_orig_mod", model)  # under torch.compile
     if batch_size is None:
-        size = inner.size if isinstance(inner, Normalized) and inner.size else images.shape[-1]
+        shown = tasks.unwrap(inner)
+        size = shown.size if isinstance(shown, Normalized) and shown.size else images.shape[-1]
         batch_size = max(50, min(1000, 1000 * 32 * 32 // (size * size)))
     device = next(inner.parameters()).device
     was_training = model.training
     model.eval()
+    outputs = []
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = torch.cat([model(to_float(images[i:i + batch_size].to(device))).float()
-                            for i in range(0, len(images), batch_size)])
+        for i in range(0, len(images), batch_size):
+            x = to_float(images[i:i + batch_size].to(device))
+            outputs.append(model(x, tasks=True) if all_tasks else {"main": model(x)})
     model.train(was_training)
-    return logits
+    logits = {k: torch.cat([o[k] for o in outputs]).float() for k in outputs[0]}
+    return logits if all_tasks else logits["main"]
+
+
+def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prefix: str,
+            coarse_mapping: torch.Tensor | None = None) -> dict[str, float]:
+    """<prefix>_loss and <prefix>_accuracy of the main task on a split; for a MultiTask model
+    also <prefix>_<task>_loss and _accuracy of each auxiliary task (rotation: image i of the
+    split turned i mod 4 times, so one pass measures all four turns)."""
+    if not isinstance(getattr(model, "_orig_mod", model), tasks.MultiTask):  # under torch.compile
+        loss, accuracy = loss_and_accuracy(predict(model, images), labels)
+        return {f"{prefix}_loss": loss, f"{prefix}_accuracy": accuracy}
+    out = predict(model, images, all_tasks=True)
+    targets = {"main": labels}
+    if "coarse" in out:
+        targets["coarse"] = tasks.coarse_targets(labels, coarse_mapping)
+    if "rotation" in out:
+        turns = tasks.evaluation_turns(len(images))
+        out["rotation"] = predict(model, tasks.rotate(images, turns), all_tasks=True)["rotation"]
+        targets["rotation"] = turns
+    metrics = {}
+    for task, target in targets.items():
+        name = prefix if task == "main" else f"{prefix}_{task}"
+        metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = loss_and_accuracy(out[task], target)
+    return metrics
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stages.errors import ParamsError
 
@@ -105,6 +105,44 @@ class Train(Section):
     threads: int = Field(0, ge=0)  # PyTorch CPU threads; 0 = every core this process may use
 
 
+# CIFAR-10's classes in two groups: the default for tasks.coarse.groups
+VEHICLES_ANIMALS = {"vehicle": ["airplane", "automobile", "ship", "truck"],
+                    "animal": ["bird", "cat", "deer", "dog", "frog", "horse"]}
+
+
+class Coarse(Section):
+    weight: float = Field(0.0, ge=0)  # loss weight of predicting each image's group; 0 = off
+    # group name -> class names: every class of the data in exactly one group (checked by train)
+    groups: dict[str, list[str]] = Field(default_factory=lambda: dict(VEHICLES_ANIMALS))
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+        if len(groups) < 2:
+            raise ValueError("needs at least two groups")
+        seen: dict[str, str] = {}
+        for group, names in groups.items():
+            if not names:
+                raise ValueError(f"group {group!r} is empty")
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"class {name!r} is in groups {seen[name]!r} and {group!r}: "
+                                     "every class belongs to exactly one group")
+                seen[name] = group
+        return groups
+
+
+class Rotation(Section):
+    weight: float = Field(0.0, ge=0)  # loss weight of predicting the 0/90/180/270° turn; 0 = off
+
+
+class Tasks(Section):
+    # fixed: loss = main + sum weight * task loss; uncertainty: weights learned (Kendall et al., 2018)
+    weighting: Literal["fixed", "uncertainty"] = "fixed"
+    coarse: Coarse = Coarse()
+    rotation: Rotation = Rotation()
+
+
 class Evaluate(Section):
     # The verdict (README: "Overfitting, underfitting"): underfitting when the model is poor on
     # its own training data; overfitting when it is good there but much worse on new data.
@@ -124,6 +162,7 @@ class Params(Section):
     augment: Augment = Augment()
     model: Model = Model()
     train: Train = Train()
+    tasks: Tasks = Tasks()
     evaluate: Evaluate = Evaluate()
     mlflow: Mlflow = Mlflow()
 

@@ -187,6 +187,8 @@ def read_state_dict(path: Path, name: str) -> dict:
         if trained_as != name:
             raise StageError(f"{path} holds a {trained_as}, but model.name is {name}")
         data = data["state_dict"]
+        if any(k.startswith("heads.") for k in data):  # inside MultiTask: model.*, heads.*
+            data = {k[6:]: v for k, v in data.items() if k.startswith("model.")}
         if any(k.startswith("net.") for k in data):  # inside Normalized: mean, std, net.*
             data = {k[4:]: v for k, v in data.items() if k.startswith("net.")}
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

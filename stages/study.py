@@ -74,7 +74,25 @@ FINETUNE_ROWS.update({
                                            "train.early_stopping.patience": 3},
 })
 
-GRIDS = {"regularization": (REGIME, ROWS), "finetune": (FINETUNE_REGIME, FINETUNE_ROWS)}
+# Multi-task (stages/tasks.py): the main task alone and with each auxiliary task, for net in the
+# regularization regime and for EfficientNet-Lite0 fine-tuned from ImageNet on 5,000 images.
+# Rows carry their whole regime; lite0-5000-imagenet is the fine-tuning grid's row of that name.
+NET_5000 = REGIME
+LITE0_5000 = {**FINETUNE_REGIME, "data.train_size": 5000, **IMAGENET}
+COARSE = {"tasks.coarse.weight": 0.5}  # vehicles against animals (params.yaml's default groups)
+ROTATION = {"tasks.rotation.weight": 0.5}
+MULTITASK_ROWS: dict[str, dict] = {
+    "net-main-only": NET_5000,
+    "net-coarse": {**NET_5000, **COARSE},
+    "net-rotation": {**NET_5000, **ROTATION},
+    "net-both-uncertainty": {**NET_5000, **COARSE, **ROTATION, "tasks.weighting": "uncertainty"},
+    "lite0-5000-imagenet": LITE0_5000,
+    "lite0-5000-imagenet-coarse": {**LITE0_5000, **COARSE},
+    "lite0-5000-imagenet-rotation": {**LITE0_5000, **ROTATION},
+}
+
+GRIDS = {"regularization": (REGIME, ROWS), "finetune": (FINETUNE_REGIME, FINETUNE_ROWS),
+         "multitask": ({}, MULTITASK_ROWS)}
 SEEDS = (0, 1, 2)
 OUT = Path("reports/study.md")
 
@@ -96,8 +114,9 @@ def overrides(row: str, seed: int, source: str | None, sha256: str | None,
 
 
 def queue(rows, seeds, source, sha256, grid: str = "regularization") -> None:
-    for row in rows:
-        for seed in seeds:
+    """Seed by seed, so that a queue cut short leaves every row with the same seeds."""
+    for seed in seeds:
+        for row in rows:
             cmd = ["dvc", "exp", "run", "--queue", "-n", exp_name(row, seed)]
             subprocess.run(cmd + P.set_options(overrides(row, seed, source, sha256, grid)), check=True)
 
@@ -128,8 +147,8 @@ def table(rows=tuple(ROWS), seeds=SEEDS, grid: str = "regularization") -> str:
         if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
             by_name[run.data.tags["dvc.exp_name"]] = run
 
-    lines = ["| technique | params (on top of the regime) | seeds | train accuracy | test accuracy | gap (train − test) | epochs run | minutes (train + evaluate) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| technique | params (on top of the regime) | seeds | train accuracy | test accuracy | gap (train − test) | test coarse accuracy | test rotation accuracy | epochs run | minutes (train + evaluate) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         found = [by_name[exp_name(row, s)] for s in seeds if exp_name(row, s) in by_name]
         if not found:
@@ -139,8 +158,13 @@ def table(rows=tuple(ROWS), seeds=SEEDS, grid: str = "regularization") -> str:
         changes = ", ".join(f"{k}={v}" for k, v in GRIDS[grid][1][row].items()) or "—"
         lines.append(f"| {row} | {changes} | {len(found)} | {_pm(m('final_train_accuracy'))} | "
                      f"{_pm(m('test_accuracy'))} | {_pm(m('generalization_gap'), ' pt')} | "
+                     f"{_task_cell(found, 'test_coarse_accuracy')} | {_task_cell(found, 'test_rotation_accuracy')} | "
                      f"{statistics.mean(m('final_epochs_run')):.0f} | {statistics.mean(minutes):.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _task_cell(runs, key: str) -> str:
+    return _pm([r.data.metrics[key] for r in runs]) if all(key in r.data.metrics for r in runs) else "—"
 
 
 def _pm(values: list[float], unit: str = "%") -> str:
@@ -155,7 +179,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "table"])
     parser.add_argument("--grid", choices=list(GRIDS), default="regularization",
-                        help="regularization (net, 5,000 images) or finetune (EfficientNet-Lite0)")
+                        help="regularization (net, 5,000 images), finetune (EfficientNet-Lite0) "
+                             "or multitask (auxiliary tasks)")
     parser.add_argument("--source", help="data.source for every run (default: params.yaml's)")
     parser.add_argument("--sha256", help="data.sha256 for every run")
     parser.add_argument("--jobs", type=int, default=1, help="parallel DVC queue workers")

@@ -1,7 +1,7 @@
 """Stage `train`: build the model, train, validate every epoch, log it all to one MLflow run.
 
 Reads params: seed, data.normalize, model.*, train.*, augment.* (the online policy, mixup and
-cutmix), mlflow.*.
+cutmix), tasks.* (auxiliary tasks on the same backbone: stages/tasks.py), mlflow.*.
 Writes models/model.pt (state dict + the params it was trained with), models/run.json (the MLflow
 run id, for evaluate), metrics/train.json and reports/train_curves.{csv,png}.
 
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stages import errors, io as sio, models, params as P, pretrained, regularize, tracking
+from stages import errors, io as sio, models, params as P, pretrained, regularize, tasks, tracking
 from stages.data import Policy, augment, epoch_generator, load_split, to_float
 from stages.errors import StageError
 
@@ -52,6 +52,9 @@ def main() -> None:
     meta = sio.read_json(PREPARED / "meta.json")
     classes, source_sha256 = meta["classes"], meta.get("source_sha256")
     mean_std = models.channel_mean_std(train_x) if params.data.normalize == "dataset" else None
+    task_weights = tasks.active(params.tasks)  # the auxiliary tasks that are on
+    coarse = (tasks.coarse_mapping(params.tasks.coarse.groups, classes)
+              if "coarse" in task_weights else None)
     model = models.build(params, len(classes), image_size=train_x.shape[-1], mean_std=mean_std)
     net, name = models.network(model), params.model.name
 
@@ -72,6 +75,10 @@ def main() -> None:
     start_values = {k: v.to(device) for k, v in start_values.items()}
     frozen = pretrained.frozen_parameters(net, name, params.model.freeze)
     head = net.get_submodule(pretrained.HEADS[name])
+    if task_weights:  # the auxiliary heads are new too: they train at the head's rate
+        head = nn.ModuleList([head, *model.heads.values()])
+    task_loss = (tasks.TaskLoss(task_weights, coarse, getattr(model, "log_vars", None))
+                 if task_weights else None)
     forward = torch.compile(model) if params.train.compile else model  # same parameters
 
     steps_per_epoch = math.ceil(len(train_x) / params.train.batch_size)
@@ -116,15 +123,18 @@ def main() -> None:
             batch_loss = train_one_epoch(forward, train_x, train_y, optimizer, scheduler, loss_fn,
                                          params.train.batch_size, policy, mixer,
                                          epoch_generator(params.seed, epoch),
-                                         desc=f"epoch {epoch}/{params.train.epochs}")
+                                         desc=f"epoch {epoch}/{params.train.epochs}",
+                                         task_loss=task_loss)
             seconds = time.perf_counter() - start
-            row = {"epoch": epoch, **measure(forward, train_x, train_y, "train"),
-                   **measure(forward, val_x, val_y, "val")}
+            row = {"epoch": epoch, **models.measure(forward, train_x, train_y, "train", coarse),
+                   **models.measure(forward, val_x, val_y, "val", coarse)}
             history.append(row)
             tracking.log_metrics({**row, "train_batch_loss": batch_loss, "epoch_seconds": seconds,
                                   "gap": row["train_accuracy"] - row["val_accuracy"],
-                                  "lr": optimizer.param_groups[-1]["lr"],
-                                  "trainable_parameters": trainable_parameters(model)}, step=epoch)
+                                  "lr": optimizer.param_groups[-1]["lr"],  # the head's
+                                  "trainable_parameters": trainable_parameters(model),
+                                  **{f"task_weight_{t}": w for t, w in
+                                     tasks.current_weights(model, task_weights).items()}}, step=epoch)
             print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
                   f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s",
                   flush=True)
@@ -143,7 +153,7 @@ def main() -> None:
         if best_state is not None:
             model.load_state_dict(best_state)
             saved = history[stopper.best_epoch - 1]
-        summary = {**{k: saved[k] for k in CURVE_COLUMNS[1:]}, "epochs_run": len(history),
+        summary = {**{k: v for k, v in saved.items() if k != "epoch"}, "epochs_run": len(history),
                    "best_epoch": stopper.best_epoch, "num_parameters": models.count_parameters(model),
                    "trainable_parameters": trainable_parameters(model)}
         model.cpu()  # saved and logged as a CPU model
@@ -209,11 +219,16 @@ def make_optimizer(train: P.Train, model: nn.Module,
                    head: nn.Module | None = None) -> torch.optim.Optimizer:
     """Two parameter groups: the head at train.lr, the rest at train.lr * train.backbone_lr_mult
     (discriminative learning rates); without a head, one group. Frozen parameters are in it too
-    but get no gradient, and optimizers skip those: no update, no weight decay, until unfrozen."""
+    but get no gradient, and optimizers skip those: no update, no weight decay, until unfrozen.
+    Learned task weights (tasks.weighting = uncertainty) get a group of their own, at train.lr
+    and without weight decay, which would pull every task's weight towards 1."""
+    log_vars = getattr(model, "log_vars", None)
+    skip = {id(log_vars)}
     in_head = {id(p) for p in (head or model).parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in in_head],
+    groups = [{"params": [log_vars] if log_vars is not None else [], "lr": train.lr, "weight_decay": 0.0},
+              {"params": [p for p in model.parameters() if id(p) not in in_head | skip],
                "lr": train.lr * train.backbone_lr_mult},
-              {"params": [p for p in model.parameters() if id(p) in in_head], "lr": train.lr}]
+              {"params": [p for p in model.parameters() if id(p) in in_head - skip], "lr": train.lr}]
     groups = [g for g in groups if g["params"]]
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum,
@@ -265,8 +280,10 @@ def make_loss(train: P.Train, model: nn.Module, class_weights: torch.Tensor | No
 
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     optimizer: torch.optim.Optimizer, scheduler, loss_fn, batch_size: int,
-                    policy: Policy, mixer, generator: torch.Generator, desc: str = "") -> float:
+                    policy: Policy, mixer, generator: torch.Generator, desc: str = "",
+                    task_loss: tasks.TaskLoss | None = None) -> float:
     """One pass over the (augmented, shuffled) training set; returns the mean batch loss.
+    With auxiliary tasks, `task_loss` combines the main task's loss_fn with theirs.
 
     The images stay where they are (CPU or GPU); on a GPU the forward pass runs in bf16 autocast
     on channels-last batches. Batch losses stay on the device until the end of the epoch, so
@@ -284,10 +301,14 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         x, y = to_float(images[idx]), labels[idx]
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
+        clean = x
         if mixer is not None:
             x, y = mixer(x, y)  # y becomes class probabilities
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = loss_fn(model(x), y)
+            if task_loss is None:
+                loss = loss_fn(model(x), y)
+            else:
+                loss = task_loss(model, x, clean, y, loss_fn, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -326,14 +347,11 @@ class EarlyStopping:
         return self.epochs_without_improvement >= self.patience
 
 
-def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict:
-    loss, accuracy = models.loss_and_accuracy(models.predict(model, images), labels)
-    return {f"{prefix}_loss": loss, f"{prefix}_accuracy": accuracy}
-
-
 def curves_csv(history: list[dict]) -> str:
-    lines = [",".join(CURVE_COLUMNS)]
-    lines += [",".join(repr(row[c]) for c in CURVE_COLUMNS) for row in history]
+    """The main task's columns first (CURVE_COLUMNS), then the auxiliary tasks' ones."""
+    columns = CURVE_COLUMNS + [c for c in history[0] if c not in CURVE_COLUMNS]
+    lines = [",".join(columns)]
+    lines += [",".join(repr(row[c]) for c in columns) for row in history]
     return "\n".join(lines) + "\n"
 
 

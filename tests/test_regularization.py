@@ -201,10 +201,10 @@ def test_early_stopping_stops_and_restores_the_best_weights(workdir, pickle_arch
     """Validation loss scripted to be best at epoch 2: with patience 2 the run stops after epoch
     4 and saves epoch 2's weights, bit-identical to a run of exactly 2 epochs."""
     scripted = iter([0.9, 0.5, 0.7, 0.8, 0.1, 0.1])
-    real_measure = train.measure
+    real_measure = models.measure
 
-    def measure(model, images, labels, prefix):
-        out = real_measure(model, images, labels, prefix)
+    def measure(model, images, labels, prefix, coarse_mapping=None):
+        out = real_measure(model, images, labels, prefix, coarse_mapping)
         if prefix == "val":
             out["val_loss"] = next(scripted)
         return out
@@ -215,7 +215,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(workdir, pickle_arch
     train.main()
     two_epochs = (workdir / "models/model.pt").read_bytes()
 
-    monkeypatch.setattr(train, "measure", measure)
+    monkeypatch.setattr(models, "measure", measure)
     write_params(workdir, **{**TINY, "data.source": str(pickle_archive), "train.epochs": 6,
                              "train.early_stopping.enabled": True,
                              "train.early_stopping.patience": 2})

@@ -27,3 +27,9 @@ def test_every_row_of_the_grid_is_valid_params():
     for row in study.FINETUNE_ROWS:
         values = study.overrides(row, 0, "data.tar.gz", None, grid="finetune")
         assert values["model.name"] == "efficientnet_lite0" and values["data.train_size"] in (1000, 5000)
+    for row in study.MULTITASK_ROWS:
+        values = study.overrides(row, 0, "data.tar.gz", None, grid="multitask")
+        assert values["data.train_size"] == 5000
+    # the row of the same name in two grids is one experiment: the same params in both
+    assert (study.overrides("lite0-5000-imagenet", 1, None, None, grid="multitask")
+            == study.overrides("lite0-5000-imagenet", 1, None, None, grid="finetune"))
