@@ -5,6 +5,8 @@
 # make preset:  a named set of params as one DVC experiment (make preset PRESET=fast-gpu)
 # make study:   the regularization study as queued DVC experiments, then its table
 #               (e.g. make study STUDY_ARGS="--source ../shared/data/cifar10-jpg.tar.gz")
+# make train-ddp NPROC=2:  the train stage as N data-parallel processes (torchrun; gloo on CPUs)
+# make mlflow-server:      a team tracking server on PostgreSQL, on loopback (README "Scaling out")
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -13,7 +15,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # No network access but the data download: no usage telemetry from MLflow.
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install run test study bench preset lock clean-venv
+.PHONY: install run test study bench preset lock clean-venv train-ddp mlflow-server
 
 install: $(STAMP)
 
@@ -35,6 +37,18 @@ study: install
 PRESET ?= fast-gpu
 preset: install
 	python -m stages.preset $(PRESET)
+
+# Distributed data-parallel training of the prepared data (after `make run` or `dvc repro augment`).
+# Through DVC instead: dvc exp run -S train.nproc=2
+NPROC ?= 2
+train-ddp: install
+	torchrun --standalone --nproc-per-node $(NPROC) -m stages.train
+
+# mlflow server + PostgreSQL in data/tracking-server, on 127.0.0.1:5000. Options, e.g.
+# make mlflow-server SERVER_ARGS="--auth --host 0.0.0.0 --allowed-hosts mlflow.example.com"
+SERVER_ARGS ?=
+mlflow-server: install
+	python -m stages.server $(SERVER_ARGS)
 
 # Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md})
 bench: install

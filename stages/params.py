@@ -103,6 +103,9 @@ class Train(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
     compile: bool = False  # torch.compile the model (slower for net on a CPU: README "Speed")
     threads: int = Field(0, ge=0)  # PyTorch CPU threads; 0 = every core this process may use
+    # processes of distributed data-parallel training (torchrun, one per GPU or a share of the
+    # CPU cores each); batch_size stays the global batch. Under torchrun, its --nproc-per-node rules.
+    nproc: int = Field(1, ge=1, le=64)
 
 
 # CIFAR-10's classes in two groups: the default for tasks.coarse.groups

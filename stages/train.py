@@ -10,10 +10,19 @@ augment.online is on), shuffles it with a generator seeded from (seed, epoch), a
 batches. Every epoch is then measured in eval mode on the clean training and validation sets, so
 `train_accuracy - val_accuracy` is the generalization gap as the model stands, not a running
 average blurred by dropout and augmentation.
+
+Distributed data-parallel training: `torchrun --nproc-per-node N -m stages.train` (or
+train.nproc = N, which starts torchrun itself, so `dvc exp run -S train.nproc=2` works). Every
+process holds the whole data set, draws the same epoch permutation and takes its share of each
+batch (train.batch_size is the global batch: N processes of batch_size / N images, whose
+gradients DDP averages, make the same step as one process); losses and metrics are summed
+across processes. Only rank 0 logs to MLflow and writes the outputs. gloo on CPUs, nccl on GPUs.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import math
@@ -23,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -43,9 +53,15 @@ CURVE_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accur
 
 def main() -> None:
     params = P.load()
-    torch.set_num_threads(params.train.threads or default_threads())
-    torch.manual_seed(params.seed)
+    if int(os.environ.get("WORLD_SIZE", params.train.nproc)) > 1 and params.train.unfreeze_at_epoch:
+        raise StageError("train.unfreeze_at_epoch can't be used with distributed training: DDP "
+                         "fixes the set of trained parameters when it starts")
+    launch_under_torchrun(params.train.nproc)
     device = resolve_device(params.train.device)
+    rank, world = start_distributed(device)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.type == "cuda" else device
+    torch.set_num_threads(params.train.threads or default_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) or 1)
+    torch.manual_seed(params.seed)
 
     train_x, train_y = load_split(PREPARED, "train")
     val_x, val_y = load_split(PREPARED, "val")
@@ -67,7 +83,7 @@ def main() -> None:
                                                  tracking.tracking_uri(params.mlflow))
         loaded = pretrained.load_into(net, state, name)
         start_values = {k: p.detach().clone() for k, p in net.named_parameters() if k in loaded}
-    checkpoint = checkpoint_path(params, weights.get("sha256", ""), train_x, train_y, val_x, val_y)
+    checkpoint = checkpoint_path(params, f"{weights.get('sha256', '')}/{world}", train_x, train_y, val_x, val_y)
 
     # On a GPU the whole data set moves there once, as uint8, and is augmented there.
     train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
@@ -80,6 +96,11 @@ def main() -> None:
     task_loss = (tasks.TaskLoss(task_weights, coarse, getattr(model, "log_vars", None))
                  if task_weights else None)
     forward = torch.compile(model) if params.train.compile else model  # same parameters
+    measured = forward  # what measures the splits: never the DDP wrapper, which would sync
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        forward, measured = (torch.compile(ddp) if params.train.compile else ddp), model
+    logs = rank == 0  # only rank 0 talks to MLflow and writes files
 
     steps_per_epoch = math.ceil(len(train_x) / params.train.batch_size)
     optimizer = make_optimizer(params.train, model, head)
@@ -107,10 +128,12 @@ def main() -> None:
         history, best_state = resumed["history"], resumed["best_state"]
         print(f"resuming after epoch {len(history)} from {checkpoint}", flush=True)
 
-    with tracking.start_run(params, source_sha256, resume_id=resumed and resumed["run_id"]) as run:
-        tracking.log_metrics({"num_parameters": models.count_parameters(model),
-                              "torch_threads": torch.get_num_threads()})
-        if weights:
+    with (tracking.start_run(params, source_sha256, resume_id=resumed and resumed["run_id"])
+          if logs else contextlib.nullcontext()) as run:
+        if logs:
+            tracking.log_metrics({"num_parameters": models.count_parameters(model),
+                                  "torch_threads": torch.get_num_threads(), "world_size": world})
+        if weights and logs:
             tracking.set_tags({f"pretrained.{k}": v for k, v in weights.items()})
         for epoch in range(len(history) + 1, params.train.epochs + 1):
             if params.train.early_stopping.enabled and stopper.should_stop:
@@ -118,17 +141,23 @@ def main() -> None:
             still_frozen = not params.train.unfreeze_at_epoch or epoch < params.train.unfreeze_at_epoch
             for p in frozen:
                 p.requires_grad_(not still_frozen)  # no gradient: the optimizer leaves it alone
-            torch.manual_seed(params.seed * 1_000_003 + epoch)  # dropout, mixup: replayable per epoch
+            # dropout, mixup: replayable per epoch, and different on each process
+            torch.manual_seed(params.seed * 1_000_003 + epoch + 7919 * rank)
             start = time.perf_counter()
             batch_loss = train_one_epoch(forward, train_x, train_y, optimizer, scheduler, loss_fn,
                                          params.train.batch_size, policy, mixer,
                                          epoch_generator(params.seed, epoch),
                                          desc=f"epoch {epoch}/{params.train.epochs}",
-                                         task_loss=task_loss)
+                                         task_loss=task_loss, shard=(rank, world))
             seconds = time.perf_counter() - start
-            row = {"epoch": epoch, **models.measure(forward, train_x, train_y, "train", coarse),
-                   **models.measure(forward, val_x, val_y, "val", coarse)}
+            row = {"epoch": epoch, **measure(measured, train_x, train_y, "train", coarse, (rank, world)),
+                   **measure(measured, val_x, val_y, "val", coarse, (rank, world))}
             history.append(row)
+            if not logs:
+                stopper.update(epoch, row[stopper.monitor])  # the same decision as rank 0's
+                if params.train.early_stopping.enabled and stopper.should_stop:
+                    break
+                continue
             tracking.log_metrics({**row, "train_batch_loss": batch_loss, "epoch_seconds": seconds,
                                   "gap": row["train_accuracy"] - row["val_accuracy"],
                                   "lr": optimizer.param_groups[-1]["lr"],  # the head's
@@ -149,6 +178,8 @@ def main() -> None:
                       f"{stopper.patience} epochs; best epoch {stopper.best_epoch}", flush=True)
                 break
 
+        if not logs:
+            return
         saved = history[-1]
         if best_state is not None:
             model.load_state_dict(best_state)
@@ -169,6 +200,45 @@ def main() -> None:
             tracking.log_artifact(path)
         tracking.log_model(model.eval(), to_float(val_x[:2].cpu()), MODEL)
     checkpoint.unlink()  # finished: the outputs are written
+
+
+def launch_under_torchrun(nproc: int) -> None:
+    """train.nproc > 1 outside torchrun: become `torchrun --nproc-per-node nproc -m stages.train`."""
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        sys.stdout.flush()
+        os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "stages.train"])
+
+
+def start_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): (0, 1) for one process; under torchrun, join its process group."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if device.type == "cuda":
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise StageError(f"{os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine, "
+                             f"but {torch.cuda.device_count()} GPUs: one each is needed")
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)  # also when a stage error ends the process
+    return dist.get_rank(), world
+
+
+def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prefix: str,
+            coarse: torch.Tensor | None, shard: tuple[int, int]) -> dict[str, float]:
+    """models.measure on the whole split; with several processes, each measures every
+    world-th image and the sums are added up, so every process gets the whole split's numbers."""
+    rank, world = shard
+    if world == 1:
+        return models.measure(model, images, labels, prefix, coarse)
+    part = models.measure(model, images[rank::world], labels[rank::world], prefix, coarse)
+    count = len(labels[rank::world])
+    sums = torch.tensor([v * count for v in part.values()] + [count], dtype=torch.float64)
+    dist.all_reduce(sums)
+    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(part)}
 
 
 def checkpoint_path(params: P.Params, weights_sha256: str, *tensors: torch.Tensor) -> Path:
@@ -281,9 +351,10 @@ def make_loss(train: P.Train, model: nn.Module, class_weights: torch.Tensor | No
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     optimizer: torch.optim.Optimizer, scheduler, loss_fn, batch_size: int,
                     policy: Policy, mixer, generator: torch.Generator, desc: str = "",
-                    task_loss: tasks.TaskLoss | None = None) -> float:
+                    task_loss: tasks.TaskLoss | None = None, shard: tuple[int, int] = (0, 1)) -> float:
     """One pass over the (augmented, shuffled) training set; returns the mean batch loss.
-    With auxiliary tasks, `task_loss` combines the main task's loss_fn with theirs.
+    With auxiliary tasks, `task_loss` combines the main task's loss_fn with theirs. With
+    shard = (rank, world), this process takes every world-th image of each batch.
 
     The images stay where they are (CPU or GPU); on a GPU the forward pass runs in bf16 autocast
     on channels-last batches. Batch losses stay on the device until the end of the epoch, so
@@ -294,10 +365,14 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     order = torch.randperm(len(images), generator=generator).to(images.device)
     cuda = images.device.type == "cuda"
     losses = []
-    bar = tqdm(range(0, len(images), batch_size), desc=desc, leave=False,
+    rank, world = shard
+    stop = len(images)
+    if 0 < stop % batch_size < world:  # a last batch too small to give every process an image
+        stop -= stop % batch_size
+    bar = tqdm(range(0, stop, batch_size), desc=desc, leave=False,
                disable=not sys.stderr.isatty())
     for start in bar:
-        idx = order[start:start + batch_size]
+        idx = order[start:start + batch_size][rank::world]
         x, y = to_float(images[idx]), labels[idx]
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -319,7 +394,10 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     if len(bad):
         raise StageError(f"the training loss became {losses[bad[0, 0]].item()} at step "
                          f"{bad[0, 0].item() + 1} of {desc or 'the epoch'}: lower train.lr or the penalties")
-    return losses.sum().item() / len(images)
+    total = losses.sum().double()
+    if world > 1:
+        dist.all_reduce(total)
+    return total.item() / stop
 
 
 class EarlyStopping:
