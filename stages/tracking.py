@@ -54,7 +54,7 @@ def tracking_uri(mlflow_params: P.Mlflow) -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """A tracking server must answer /health within 5 seconds."""
+    """A tracking server must answer /health within 5 seconds, and accept our credentials."""
     if not uri.startswith(("http://", "https://")):
         return
     import requests
@@ -65,6 +65,15 @@ def check_reachable(uri: str) -> None:
         raise StageError(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}): "
                          "start it, or unset MLFLOW_TRACKING_URI and mlflow.tracking_uri to log "
                          "to mlflow.db") from None
+    # A server with authentication (make mlflow-server SERVER_ARGS=--auth) answers /health to
+    # anyone: ask the API itself, with the credentials MLflow's client will send.
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    answer = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                          params={"max_results": 1}, timeout=10,
+                          auth=(user, password) if user and password else None)
+    if answer.status_code in (401, 403):
+        raise StageError(f"MLflow tracking server {uri} refused the request (HTTP {answer.status_code}): "
+                         "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of it")
 
 
 @contextmanager

@@ -74,6 +74,27 @@ def test_second_repro_does_nothing(repo):
     assert ok(repo, "dvc", "status").strip() == "Data and pipelines are up to date."
 
 
+def test_a_fresh_clone_pulls_from_the_remote_and_has_nothing_to_repro(repo, tmp_path):
+    """A local-folder remote; S3, GCS or SSH remotes are the same commands with another URL."""
+    ok(repo, "dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    pushed = ok(repo, "dvc", "push")
+    assert "pushed" in pushed
+    ok(repo, "git", "add", "-A")  # dvc.lock, .dvc/config, the metrics and plots DVC doesn't cache
+    ok(repo, "git", "commit", "-q", "-m", "results, and where their data live")
+
+    clone = tmp_path / "clone"
+    ok(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    assert not (clone / "models/model.pt").exists() and not (clone / "data/raw").exists()
+    ok(clone, "dvc", "pull")
+    for path in ("models/model.pt", "data/raw/train_images.npy", "data/prepared/train_images.npy",
+                 "data/params.ok"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    assert ok(clone, "dvc", "status").strip() == "Data and pipelines are up to date."
+    out = ok(clone, "dvc", "repro")
+    assert "Running stage" not in out and "Data and pipelines are up to date" in out
+    assert not (clone / "mlflow.db").exists()  # nothing ran, so nothing was logged
+
+
 def test_dvc_metrics_and_plots_read_the_outputs(repo):
     metrics = json.loads(ok(repo, "dvc", "metrics", "show", "--json"))
     flat = json.dumps(metrics)
