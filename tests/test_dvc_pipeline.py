@@ -105,7 +105,7 @@ def test_dvc_metrics_and_plots_read_the_outputs(repo):
 
 def test_exp_run_with_a_param_adds_a_second_run(repo):
     ok(repo, "git", "add", "-A")
-    ok(repo, "git", "commit", "-q", "-m", "baseline results")
+    ok(repo, "git", "commit", "-q", "--allow-empty", "-m", "baseline results")
     out = ok(repo, "dvc", "exp", "run", "-S", "train.lr=0.02")
     assert "Running stage 'train'" in out and "Running stage 'download'" not in out
     first, second = runs(repo)
