@@ -39,20 +39,20 @@ def main() -> None:
     model = models.build(trained_with, len(classes), image_size=test_x.shape[-1])
     model.load_state_dict(checkpoint["state_dict"])
 
-    logits = models.predict(model, test_x)
+    multitask = isinstance(model, tasks.MultiTask)
+    outputs = models.predict(model, test_x, all_tasks=multitask)  # every head in one pass
+    logits = outputs["main"] if multitask else outputs
     test_loss, test_accuracy = models.loss_and_accuracy(logits, test_y)
+    aux = {}  # a multi-task model's test_<task>_loss and test_<task>_accuracy
+    if multitask:
+        measured = models.measure(model, test_x, test_y, "test",
+                                  tasks.coarse_mapping_if_on(trained_with.tasks, classes), outputs)
+        aux = {k: v for k, v in measured.items() if k not in ("test_loss", "test_accuracy")}
     predicted = logits.argmax(1)
     matrix = confusion_matrix(test_y, predicted, len(classes))
     per_class = (matrix.diagonal() / matrix.sum(1).clip(min=1)).tolist()
     trained = sio.read_json(TRAIN_METRICS)
     gap = trained["train_accuracy"] - test_accuracy
-    # A multi-task model's auxiliary tasks on the test set: test_<task>_loss, test_<task>_accuracy
-    aux = {}
-    if tasks.active(trained_with.tasks):
-        coarse = (tasks.coarse_mapping(trained_with.tasks.coarse.groups, classes)
-                  if "coarse" in tasks.active(trained_with.tasks) else None)
-        aux = {k: v for k, v in models.measure(model, test_x, test_y, "test", coarse).items()
-               if k not in ("test_loss", "test_accuracy")}
 
     metrics = {
         "test_accuracy": test_accuracy,

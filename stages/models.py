@@ -220,14 +220,15 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int | None = Non
 
 
 def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prefix: str,
-            coarse_mapping: torch.Tensor | None = None) -> dict[str, float]:
+            coarse_mapping: torch.Tensor | None = None, outputs: dict | None = None) -> dict[str, float]:
     """<prefix>_loss and <prefix>_accuracy of the main task on a split; for a MultiTask model
     also <prefix>_<task>_loss and _accuracy of each auxiliary task (rotation: image i of the
-    split turned i mod 4 times, so one pass measures all four turns)."""
+    split turned i mod 4 times, so one pass measures all four turns). `outputs`: the model's
+    predict(all_tasks=True) on these images, when the caller has it already."""
     if not isinstance(getattr(model, "_orig_mod", model), tasks.MultiTask):  # under torch.compile
         loss, accuracy = loss_and_accuracy(predict(model, images), labels)
         return {f"{prefix}_loss": loss, f"{prefix}_accuracy": accuracy}
-    out = predict(model, images, all_tasks=True)
+    out = dict(outputs) if outputs is not None else predict(model, images, all_tasks=True)
     targets = {"main": labels}
     if "coarse" in out:
         targets["coarse"] = tasks.coarse_targets(labels, coarse_mapping)

@@ -75,38 +75,41 @@ def database_uri(folder: Path, database: str) -> str:
     return f"postgresql+psycopg2://{ROLE}@/{database}?host={folder.resolve()}"
 
 
+def postgres(program: str, *args: str, check: bool = True) -> str:
+    """Run one of PostgreSQL's programs (as its user, when root); its output, or a one-line error."""
+    result = subprocess.run(as_owner([pg_bin(program), *args], cluster_owner()),
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        said = "; ".join((result.stderr.strip() or result.stdout.strip() or "no output").splitlines())
+        raise StageError(f"PostgreSQL's {program} failed: {said[:400]}")
+    return result.stdout
+
+
 def start_postgres(folder: Path) -> None:
     """Make the cluster on first use, start it on its Unix socket only, create the databases."""
-    owner = cluster_owner()
+    folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    owner = cluster_owner()
     if owner:
         shutil.chown(folder, owner, owner)
-        probe = subprocess.run(as_owner(["test", "-w", str(folder.resolve())], owner))
-        if probe.returncode != 0:
-            raise StageError(f"the postgres user can't reach {folder.resolve()} (a parent folder "
-                             "is closed to it): choose --data in a folder it can enter")
+        if subprocess.run(as_owner(["test", "-w", str(folder)], owner)).returncode != 0:
+            raise StageError(f"the postgres user can't reach {folder} (a parent folder is closed "
+                             "to it): choose --data in a folder it can enter")
     if not (folder / "PG_VERSION").exists():
         # trust is safe here: the socket is the only way in, and the folder is mode 0700
-        subprocess.run(as_owner([pg_bin("initdb"), "-D", str(folder.resolve()), "-U", ROLE,
-                                 "-E", "UTF8", "--auth-local=trust", "--auth-host=reject"], owner),
-                       check=True, stdout=subprocess.DEVNULL)
-    options = f"-c listen_addresses='' -c unix_socket_directories='{folder.resolve()}'"
-    subprocess.run(as_owner([pg_bin("pg_ctl"), "start", "-D", str(folder.resolve()), "-w",
-                             "-l", str(folder.resolve() / "postgres.log"), "-o", options], owner),
-                   check=True, stdout=subprocess.DEVNULL)
-    existing = subprocess.run(
-        as_owner([pg_bin("psql"), "-h", str(folder.resolve()), "-U", ROLE, "-d", "postgres", "-Atc",
-                  "SELECT datname FROM pg_database"], owner),
-        check=True, capture_output=True, text=True).stdout.split()
+        postgres("initdb", "-D", str(folder), "-U", ROLE, "-E", "UTF8", "--auth-local=trust",
+                 "--auth-host=reject")
+    postgres("pg_ctl", "start", "-D", str(folder), "-w", "-l", str(folder / "postgres.log"),
+             "-o", f"-c listen_addresses='' -c unix_socket_directories='{folder}'")
+    existing = postgres("psql", "-h", str(folder), "-U", ROLE, "-d", "postgres", "-Atc",
+                        "SELECT datname FROM pg_database").split()
     for database in DATABASES:
         if database not in existing:
-            subprocess.run(as_owner([pg_bin("createdb"), "-h", str(folder.resolve()), "-U", ROLE,
-                                     database], owner), check=True)
+            postgres("createdb", "-h", str(folder), "-U", ROLE, database)
 
 
 def stop_postgres(folder: Path) -> None:
-    subprocess.run(as_owner([pg_bin("pg_ctl"), "stop", "-D", str(folder.resolve()), "-m", "fast"],
-                            cluster_owner()), stdout=subprocess.DEVNULL, check=False)
+    postgres("pg_ctl", "stop", "-D", str(folder.resolve()), "-m", "fast", check=False)
 
 
 def is_loopback(host: str) -> bool:

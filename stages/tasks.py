@@ -112,6 +112,11 @@ def coarse_mapping(groups: dict[str, list[str]], classes: list[str]) -> torch.Te
     return torch.tensor([group_of[c] for c in classes])
 
 
+def coarse_mapping_if_on(tasks, classes: list[str]) -> torch.Tensor | None:
+    """The class -> group mapping when the coarse task is on, else None."""
+    return coarse_mapping(tasks.coarse.groups, classes) if "coarse" in active(tasks) else None
+
+
 def coarse_targets(targets: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
     """Group labels for class labels; group probabilities for class probabilities (mixup)."""
     if targets.ndim == 1:

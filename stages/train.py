@@ -69,8 +69,7 @@ def main() -> None:
     classes, source_sha256 = meta["classes"], meta.get("source_sha256")
     mean_std = models.channel_mean_std(train_x) if params.data.normalize == "dataset" else None
     task_weights = tasks.active(params.tasks)  # the auxiliary tasks that are on
-    coarse = (tasks.coarse_mapping(params.tasks.coarse.groups, classes)
-              if "coarse" in task_weights else None)
+    coarse = tasks.coarse_mapping_if_on(params.tasks, classes)
     model = models.build(params, len(classes), image_size=train_x.shape[-1], mean_std=mean_std)
     net, name = models.network(model), params.model.name
 
@@ -83,7 +82,7 @@ def main() -> None:
                                                  tracking.tracking_uri(params.mlflow))
         loaded = pretrained.load_into(net, state, name)
         start_values = {k: p.detach().clone() for k, p in net.named_parameters() if k in loaded}
-    checkpoint = checkpoint_path(params, f"{weights.get('sha256', '')}/{world}", train_x, train_y, val_x, val_y)
+    checkpoint = checkpoint_path(params, weights.get("sha256", ""), world, train_x, train_y, val_x, val_y)
 
     # On a GPU the whole data set moves there once, as uint8, and is augmented there.
     train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
@@ -241,12 +240,14 @@ def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prefix
     return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(part)}
 
 
-def checkpoint_path(params: P.Params, weights_sha256: str, *tensors: torch.Tensor) -> Path:
-    """<repository root>/data/checkpoints/<hash of the params, pretrained weights and data>.pt"""
+def checkpoint_path(params: P.Params, weights_sha256: str, world: int, *tensors: torch.Tensor) -> Path:
+    """<repository root>/data/checkpoints/<hash of the params, pretrained weights, process count
+    (it changes the order of the sums, so a resumed run is bit-identical only with the same) and
+    data>.pt"""
     digest = hashlib.sha256()
     training_params = {k: v for k, v in P.flatten(params).items() if not k.startswith("mlflow.")}
     digest.update(json.dumps(training_params, sort_keys=True).encode())
-    digest.update(weights_sha256.encode())
+    digest.update(f"{weights_sha256}/{world}".encode())
     for tensor in tensors:
         digest.update(tensor.numpy().tobytes())
     return tracking.repo_root() / CHECKPOINTS / f"{digest.hexdigest()[:20]}.pt"

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY, run_stage, write_params
 from stages import augment, download, train
+from stages.data import Policy, epoch_generator
 from stages.errors import StageError
 
 # One process and two take the same steps: the same global batch, split in two, whose gradients
@@ -73,8 +74,6 @@ def test_a_process_gets_its_share_of_each_batch():
         model = Record()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        from stages.data import Policy, epoch_generator
-
         with pytest.MonkeyPatch.context() as mp:  # no process group here: skip the all-reduce
             mp.setattr(train.dist, "all_reduce", lambda tensor: None)
             train.train_one_epoch(model, images, torch.zeros(10, dtype=torch.long), optimizer,

@@ -67,10 +67,8 @@ class TeamServer:
         raise TimeoutError("the team server did not start")
 
     def psql(self, database: str, query: str) -> str:
-        cmd = team_server.as_owner([team_server.pg_bin("psql"), "-h", str(self.folder / "postgres"),
-                                    "-U", team_server.ROLE, "-d", database, "-Atc", query],
-                                   team_server.cluster_owner())
-        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+        return team_server.postgres("psql", "-h", str(self.folder / "postgres"), "-U",
+                                    team_server.ROLE, "-d", database, "-Atc", query).strip()
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)  # Ctrl-C's path: the server, then PostgreSQL
