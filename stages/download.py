@@ -10,9 +10,20 @@ A source is one of
     an image-folder archive (.tar.gz, .tar, .zip) or folder: train/<class>/*, test/<class>/*,
     any image Pillow reads, any size, RGB or grayscale.
 
+Checksums: the sha256 of an archive, or the tree hash of a folder (see `tree_sha256`), is recorded
+in data/raw/meta.json and, when data.sha256 is set, must equal it.
+
+Unpickling can run code, so CIFAR pickles are unpickled only once their bytes are vouched for: by
+the published MD5s (whole archive and each batch) for the official archives, by data.sha256 for
+any other archive; without it the stage refuses. An unpickler that admits numpy arrays only is a
+second line of defence.
+
+Downloads are written to data/downloads/<name>.part and renamed to <name> only when complete (and,
+for the official archives, MD5-verified), so a file under its final name is always whole and can
+be reused. A broken, short or corrupted transfer is retried; an interrupted one leaves nothing.
+
 Archives are read in place, member by member: nothing is extracted to disk, so no member can land
-outside a folder. CIFAR pickles are unpickled with an allow-list that admits numpy arrays only,
-and for the official archives only after their checksum was verified (unpickling runs code).
+outside a folder. Links (tar or zip members, or entries of a folder source) are refused.
 """
 
 from __future__ import annotations
@@ -22,9 +33,12 @@ import http.client
 import io
 import os
 import pickle
+import socket
+import stat
 import tarfile
 import time
 import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -57,15 +71,19 @@ def main() -> None:
     data = params.data
 
     path, official_md5 = fetch(data.source)
-    sha256 = sio.sha256_of(path) if path.is_file() else None
-    if data.sha256 and path.is_file() and sha256 != data.sha256.lower():
+    sha256 = tree_sha256(path) if path.is_dir() else sio.sha256_of(path)
+    if data.sha256 and sha256 != data.sha256.lower():
         raise StageError(
             f"{path}: sha256 is {sha256}, but data.sha256 expects {data.sha256.lower()}"
         )
-    if data.sha256 and path.is_dir():
-        raise StageError(f"data.sha256 is set, but {path} is a folder: a checksum needs an archive")
 
     if path.is_file() and _is_tar(path) and _cifar_pickle_layout(path):
+        if official_md5 is None and not data.sha256:
+            # Checked before a single byte is unpickled: only the user can vouch for these bytes.
+            raise StageError(
+                f"{path} holds pickled CIFAR batches, and unpickling can run code: set data.sha256 "
+                f"to vouch for this archive (its sha256 is {sha256})"
+            )
         fmt = "cifar-pickle"
         arrays, classes = read_cifar_pickle(path, data.image_size, official_md5 is not None)
     else:
@@ -78,7 +96,7 @@ def main() -> None:
     sio.write_json(OUT / "meta.json", {
         "source": data.source,
         "format": fmt,
-        "sha256": sha256,  # always recorded, so a user can pin data.sha256 afterwards
+        "sha256": sha256,  # always recorded (a tree hash for a folder), so it can be pinned later
         "md5": official_md5,
         "classes": classes,
         "image_size": data.image_size,
@@ -89,21 +107,30 @@ def main() -> None:
           f"images, {len(classes)} classes, {fmt}, sha256 {sha256}")
 
 
+def tree_sha256(folder: Path) -> str:
+    r"""The content hash of a folder source, to pin as data.sha256 like an archive's sha256.
+
+    sha256 over one line "<relative path>\0<sha256 of the file's bytes>\n" per regular file below
+    the folder, in sorted order of the relative POSIX paths (UTF-8). Folders, timestamps and
+    permissions don't count, so two copies of the same files have the same hash.
+    """
+    digest = hashlib.sha256()
+    for name, entry in _folder_entries(folder):
+        if entry.is_file():
+            # surrogateescape: a file name that is not valid UTF-8 still hashes, as its raw bytes
+            digest.update(f"{name}\0{sio.sha256_of(entry)}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
 # --- where the bytes come from ------------------------------------------------------------------
 
 def fetch(source: str) -> tuple[Path, str | None]:
     """Return a local file or folder for the source, and the MD5 it was verified against."""
-    from torchvision.datasets.utils import check_integrity
-
     if source in OFFICIAL:
         url, md5 = OFFICIAL[source]["url"], OFFICIAL[source]["md5"]
         name = Path(urlparse(url).path).name
         _download(url, name, md5)
-        path = DOWNLOADS / name
-        if not check_integrity(str(path), md5):
-            path.unlink(missing_ok=True)
-            raise StageError(f"{url}: MD5 of the download does not match {md5}; removed it, run again")
-        return path, md5
+        return DOWNLOADS / name, md5
 
     scheme = urlparse(source).scheme
     if scheme in ("http", "https"):
@@ -126,40 +153,124 @@ def fetch(source: str) -> tuple[Path, str | None]:
     return path, None
 
 
-RETRIES = 3  # attempts for a transient failure (timeout, reset, HTTP 429/5xx), backing off 1, 2, 4 s
+# Attempts for a transient failure (timeout, reset, short transfer, HTTP 429/5xx), backing off 1, 2 s.
+RETRIES = 3
+TIMEOUT = 30  # seconds a connect or a read may hang before the attempt counts as failed
+CHUNK = 1 << 16
+
+
+class _CorruptDownload(Exception):
+    """An official archive failed its MD5 right after downloading: a transfer cut short or damaged."""
 
 
 def _download(url: str, name: str, md5: str | None) -> None:
-    from torchvision.datasets.utils import download_url
+    """Fetch url into DOWNLOADS/name (MD5-checked when md5 is given), retrying transient failures.
 
+    The bytes go to DOWNLOADS/name.part, renamed to `name` only when complete, so a file under the
+    final name is always whole.
+    """
     target = DOWNLOADS / name
-    if target.exists() and md5 is None:
-        return  # a user URL fetched before; data.sha256 guards its content
+    if target.exists():
+        if md5 is None:
+            return  # a user URL fetched before (complete, see above); data.sha256 guards its content
+        if _md5_matches(target, md5):
+            return
+        print(f"download: {target} fails its MD5 {md5}; downloading it again", flush=True)
+        target.unlink()
+    DOWNLOADS.mkdir(parents=True, exist_ok=True)
+
     for attempt in range(1, RETRIES + 1):
         try:
-            download_url(url, str(DOWNLOADS), filename=name, md5=md5)
+            _attempt(url, target, md5)
             return
-        except (urllib.error.URLError, OSError) as exc:
-            target.unlink(missing_ok=True)  # never leave a partial download behind
-            if attempt < RETRIES and _transient(exc):
-                print(f"download: {url} failed ({exc}); retrying in {2 ** (attempt - 1)} s", flush=True)
-                time.sleep(2 ** (attempt - 1))
-                continue
-            reason = getattr(exc, "reason", exc)
-            raise StageError(
-                f"could not download {url} ({reason}). Without internet, set data.source to a local "
-                "archive or folder, e.g. dvc exp run -S data.source=/path/to/cifar10-jpg.tar.gz "
-                "(README: 'Offline use')"
-            ) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException, _CorruptDownload) as exc:
+            if attempt == RETRIES or not _transient(exc):
+                raise _failure(url, md5, exc) from None
+            delay = 2 ** (attempt - 1)
+            print(f"download: {url} failed ({_reason(exc)}); retrying in {delay} s", flush=True)
+            time.sleep(delay)
 
 
-def _transient(exc: Exception) -> bool:
+def _attempt(url: str, target: Path, md5: str | None) -> None:
+    part = target.with_name(target.name + ".part")
+    try:
+        if md5 is None:
+            _stream(url, part)
+        else:
+            _download_official(url, part, md5)
+        os.replace(part, target)  # a rename is atomic: `target` appears complete or not at all
+    except BaseException:  # also Ctrl-C and SIGTERM (KeyboardInterrupt): no partial file stays
+        part.unlink(missing_ok=True)
+        raise
+
+
+def _stream(url: str, part: Path) -> None:
+    """GET url into `part` chunk by chunk; a body shorter than its Content-Length is an error.
+
+    (http.client itself just stops reading when the server closes early, so a short transfer
+    would otherwise look complete.)
+    """
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response, open(part, "wb") as out:
+        declared = response.length  # Content-Length; None when the server sends none (or chunks)
+        received = 0
+        while chunk := response.read(CHUNK):
+            out.write(chunk)
+            received += len(chunk)
+    if declared is not None and received < declared:
+        raise urllib.error.ContentTooShortError(
+            f"the server sent {received} of {declared} bytes, then closed the connection", None)
+
+
+def _download_official(url: str, part: Path, md5: str) -> None:
+    from torchvision.datasets.utils import download_url
+
+    # torchvision opens the URL without a timeout: a stalled server would hang the stage for ever.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(TIMEOUT)
+    try:
+        download_url(url, str(part.parent), filename=part.name, md5=md5)
+    except RecursionError as exc:  # too many redirects (a RuntimeError too, but not a bad transfer)
+        raise StageError(f"could not download {url} ({exc})") from None
+    except RuntimeError as exc:
+        # torchvision's "File not found or corrupted.": the bytes fail the MD5, as a short or
+        # damaged transfer does; worth another try.
+        raise _CorruptDownload(str(exc)) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _md5_matches(path: Path, md5: str) -> bool:
+    from torchvision.datasets.utils import check_integrity
+
+    return check_integrity(str(path), md5)
+
+
+def _transient(exc: BaseException) -> bool:
     """Worth another try: a server error or a broken transfer. Not: no network, no such file."""
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code == 429 or exc.code >= 500
+    if isinstance(exc, (_CorruptDownload, urllib.error.ContentTooShortError,
+                        http.client.IncompleteRead)):
+        return True
     reason = getattr(exc, "reason", exc)
-    return isinstance(reason, (TimeoutError, ConnectionResetError, http.client.IncompleteRead,
-                               urllib.error.ContentTooShortError))
+    return isinstance(reason, (TimeoutError, ConnectionResetError, http.client.IncompleteRead))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    return str(getattr(exc, "reason", None) or exc)
+
+
+def _failure(url: str, md5: str | None, exc: BaseException) -> StageError:
+    if isinstance(exc, _CorruptDownload):
+        return StageError(f"{url}: the download does not match its published MD5 {md5} "
+                          f"(tried {RETRIES} times); nothing was kept")
+    return StageError(
+        f"could not download {url} ({_reason(exc)}). Without internet, set data.source to a local "
+        "archive or folder, e.g. dvc exp run -S data.source=/path/to/cifar10-jpg.tar.gz "
+        "(README: 'Offline use')"
+    )
 
 
 # --- archives, read member by member --------------------------------------------------------------
@@ -167,16 +278,28 @@ def _transient(exc: Exception) -> bool:
 def _is_tar(path: Path) -> bool:
     try:
         return tarfile.is_tarfile(path)
-    except OSError:
+    except (OSError, EOFError):  # EOFError: a gzip file cut short within its first bytes
         return False
+
+
+def _looks_like_archive(path: Path) -> bool:
+    """Zip or gzip magic bytes, or an archive's file name: unreadable, it must be damaged."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return (magic in (b"PK", b"\x1f\x8b")
+            or path.name.lower().endswith((".zip", ".tar.gz", ".tgz", ".tar")))
+
+
+def _link_refused(archive: Path, name: str) -> StageError:
+    return StageError(f"{archive}: member '{name}' is a link; "
+                      "links are refused (they can point outside the data)")
 
 
 def iter_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
     """Yield (member name, bytes) for every regular file of a tar, zip or folder, and
     (name ending in '/', None) for every folder, so that empty class folders can be named."""
     if path.is_dir():
-        for entry in sorted(path.rglob("*")):
-            name = entry.relative_to(path).as_posix()
+        for name, entry in _folder_entries(path):
             if entry.is_dir():
                 yield name + "/", None
             elif entry.is_file():
@@ -187,8 +310,7 @@ def iter_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
                 for member in tar:
                     _check_member_name(path, member.name)
                     if member.issym() or member.islnk():
-                        raise StageError(f"{path}: member '{member.name}' is a link; "
-                                         "links are refused (they can point outside the data)")
+                        raise _link_refused(path, member.name)
                     if member.isdir():
                         yield member.name.rstrip("/") + "/", None
                     elif member.isfile():
@@ -200,11 +322,29 @@ def iter_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
                     _check_member_name(path, info.filename)
+                    # A zip stores a Unix file type in the high 16 bits (zip -y, Python's zipfile).
+                    if stat.S_ISLNK(info.external_attr >> 16):
+                        raise _link_refused(path, info.filename)
                     yield (info.filename, None) if info.is_dir() else (info.filename, zf.read(info))
         except (zipfile.BadZipFile, EOFError, OSError) as exc:
             raise StageError(f"{path}: truncated or corrupt archive ({exc})") from None
+    elif _looks_like_archive(path):
+        raise StageError(f"{path}: truncated or corrupt archive (neither tar nor zip can read it)")
     else:
         raise StageError(f"{path}: not a folder, a tar archive or a zip archive")
+
+
+def _folder_entries(folder: Path) -> Iterator[tuple[str, Path]]:
+    """(relative POSIX path, path) of everything below a folder, sorted; links are refused.
+
+    A link inside the data could point anywhere on the machine, so it is refused like a link in
+    an archive, before it is read. The folder itself may be reached through a link.
+    """
+    for name, entry in sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*")):
+        if entry.is_symlink():
+            raise StageError(f"{folder}: '{name}' is a symbolic link; "
+                             "links are refused (they can point outside the data)")
+        yield name, entry
 
 
 def _check_member_name(archive: Path, name: str) -> None:

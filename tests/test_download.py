@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
+import os
 import pickle
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
 import tarfile
 import threading
+import time
+import zipfile
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import CLASSES, add_bytes, image_folder_files, make_image_folder_archive, run_stage, write_params
+from conftest import (CLASSES, REPO, add_bytes, class_images, image_folder_files,
+                      make_image_folder_archive, run_stage, write_params)
 from stages import download
 from stages.errors import StageError
 
@@ -143,28 +154,36 @@ def test_a_missing_file_is_not_retried(workdir, http_server):
     assert not any((workdir / "data/downloads").iterdir())
 
 
+def point_official_at(monkeypatch, source: str, url: str, archive: bytes, md5: str | None = None):
+    """Aim `data.source: cifar10|cifar100` at a local URL: the archive's MD5 (or `md5`) and its
+    batches' MD5s stand in for the published ones, in torchvision's own lists."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    md5 = md5 or hashlib.md5(archive).hexdigest()
+    monkeypatch.setitem(download.OFFICIAL, source, {"url": url, "md5": md5})
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        md5s = {Path(m.name).name: hashlib.md5(tar.extractfile(m).read()).hexdigest()
+                for m in tar if m.isfile()}
+    cls = CIFAR10 if source == "cifar10" else CIFAR100
+    monkeypatch.setattr(cls, "train_list", [[name, md5s[name]] for name, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[name, md5s[name]] for name, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5s[cls.meta["filename"]]})
+    return cls
+
+
 def test_official_cifar10_code_path(workdir, http_server, pickle_archive, monkeypatch):
     """`data.source: cifar10` with the official URL and checksums pointed at a local copy."""
-    from torchvision.datasets import CIFAR10
-
     base, served = http_server
     data = pickle_archive.read_bytes()
     (served / "cifar-10-python.tar.gz").write_bytes(data)
-    monkeypatch.setitem(download.OFFICIAL, "cifar10", {
-        "url": f"{base}/cifar-10-python.tar.gz", "md5": hashlib.md5(data).hexdigest()})
-    with tarfile.open(pickle_archive) as tar:
-        md5 = {Path(m.name).name: hashlib.md5(tar.extractfile(m).read()).hexdigest()
-               for m in tar if m.isfile()}
-    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
-    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
-    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
+    cls = point_official_at(monkeypatch, "cifar10", f"{base}/cifar-10-python.tar.gz", data)
 
-    raw = run_download(workdir, **{"data.source": "cifar10"})
+    raw = run_download(workdir, **{"data.source": "cifar10", "data.sha256": None})
     assert raw["meta"]["md5"] == hashlib.md5(data).hexdigest()
     assert raw["train_images"].shape == (90, 3, 32, 32)
 
     # A batch that fails its published MD5 is refused before it is unpickled.
-    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", "0" * 32]])
+    monkeypatch.setattr(cls, "test_list", [["test_batch", "0" * 32]])
     with pytest.raises(StageError, match="test_batch.*MD5"):
         run_download(workdir, **{"data.source": "cifar10"})
 
@@ -257,3 +276,341 @@ def test_empty_class_is_named(workdir, tmp_path, kind):
         source = tmp_path / "images.tar.gz"
     with pytest.raises(StageError, match="class folder (train|test)/zebra/ holds no images"):
         run_download(workdir, **{"data.source": str(source)})
+
+
+# --- broken transfers: nothing partial stays, short transfers are retried ----------------------
+
+@pytest.fixture
+def broken_server():
+    """serve(body, short=N, stall=False, name=...) -> (URL, request log): a loopback server whose
+    first N answers declare the whole body's Content-Length but send half of it and close; with
+    stall, every answer sends half and then hangs until the test is over."""
+    servers, release = [], threading.Event()
+
+    def serve(body: bytes, short: int = 0, stall: bool = False,
+              name: str = "data.tar.gz") -> tuple[str, list[str]]:
+        requests: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                requests.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if stall or len(requests) <= short:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    if stall:
+                        release.wait(60)
+                    return  # HTTP/1.0: returning closes the connection, half-way through the body
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/{name}", requests
+
+    yield serve
+    release.set()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def downloads(workdir: Path) -> list[str]:
+    folder = workdir / "data/downloads"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_short_transfers_fail_after_retries_and_leave_nothing(workdir, broken_server, folder_archive):
+    url, requests = broken_server(folder_archive.read_bytes(), short=99)
+    write_params(workdir, **{"data.source": url})
+    result = run_stage("download", workdir)  # real back-off: 1 s + 2 s
+    assert result.returncode == 1
+    assert "retrying in 1 s" in result.stdout and "retrying in 2 s" in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error (download): could not download {url} "
+                                                   "(the server sent "), result.stderr
+    assert len(requests) == download.RETRIES
+    assert downloads(workdir) == []  # no `.part`, no file that looks complete
+    assert not (workdir / "data/raw").exists()
+
+
+def test_a_short_transfer_is_retried(workdir, broken_server, folder_archive, monkeypatch, capsys):
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    url, requests = broken_server(folder_archive.read_bytes(), short=1)
+    raw = run_download(workdir, **{"data.source": url})
+    assert len(requests) == 2 and "retrying in 1 s" in capsys.readouterr().out
+    assert [(workdir / "data/downloads" / name).read_bytes() for name in downloads(workdir)] == [
+        folder_archive.read_bytes()]
+    local = run_download(workdir, **{"data.source": str(folder_archive)})
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert np.array_equal(raw[key], local[key]), key
+
+
+def test_official_archive_failing_its_md5_is_retried_then_one_line(workdir, http_server, pickle_archive,
+                                                                    monkeypatch, capsys):
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    base, served = http_server
+    (served / "cifar-10-python.tar.gz").write_bytes(pickle_archive.read_bytes())
+    url = f"{base}/cifar-10-python.tar.gz"
+    point_official_at(monkeypatch, "cifar10", url, pickle_archive.read_bytes(), md5="0" * 32)
+    with pytest.raises(StageError) as error:
+        run_download(workdir, **{"data.source": "cifar10"})
+    message = str(error.value)
+    assert message.startswith(f"{url}: the download does not match its published MD5 {'0' * 32}")
+    assert "\n" not in message
+    assert capsys.readouterr().out.count("retrying in") == download.RETRIES - 1
+    assert downloads(workdir) == []
+
+
+def test_official_short_transfer_is_retried(workdir, broken_server, pickle_archive, monkeypatch):
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    data = pickle_archive.read_bytes()
+    # Two short answers: whether or not torchvision probes for redirects first, the first download
+    # is cut short and a later one is complete.
+    url, _ = broken_server(data, short=2, name="cifar-10-python.tar.gz")
+    point_official_at(monkeypatch, "cifar10", url, data)
+    raw = run_download(workdir, **{"data.source": "cifar10"})
+    assert raw["train_images"].shape == (90, 3, 32, 32)
+    assert downloads(workdir) == ["cifar-10-python.tar.gz"]
+    assert (workdir / "data/downloads/cifar-10-python.tar.gz").read_bytes() == data
+
+
+def test_a_corrupt_cached_official_archive_is_downloaded_again(workdir, http_server, pickle_archive,
+                                                               monkeypatch, capsys):
+    base, served = http_server
+    data = pickle_archive.read_bytes()
+    (served / "cifar-10-python.tar.gz").write_bytes(data)
+    point_official_at(monkeypatch, "cifar10", f"{base}/cifar-10-python.tar.gz", data)
+    cached = workdir / "data/downloads/cifar-10-python.tar.gz"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(data[: len(data) // 2])  # e.g. copied in by hand, half-way
+    raw = run_download(workdir, **{"data.source": "cifar10"})
+    assert "fails its MD5" in capsys.readouterr().out
+    assert cached.read_bytes() == data and raw["train_images"].shape == (90, 3, 32, 32)
+
+
+def test_ctrl_c_mid_download_leaves_no_partial_file(workdir, broken_server):
+    url, _ = broken_server(os.urandom(1 << 20), stall=True)  # half of it, then nothing
+    write_params(workdir, **{"data.source": url})
+    proc = subprocess.Popen([sys.executable, "-m", "stages.download"], cwd=workdir,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not any(p.stat().st_size for p in (workdir / "data/downloads").glob("*.part")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no .part file appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == ["error (download): interrupted; run again"]
+    assert downloads(workdir) == []
+
+
+# --- archives that try to reach outside the data, or are damaged --------------------------------
+
+def _zip(path: Path, extra) -> Path:
+    make_image_folder_archive(path, prefix="tiny/")
+    with zipfile.ZipFile(path, "a") as zf:
+        extra(zf)
+    return path
+
+
+def _tar(path: Path, extra) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in image_folder_files().items():
+            add_bytes(tar, "tiny/" + name, data)
+        extra(tar)
+    return path
+
+
+def _zip_symlink(zf: zipfile.ZipFile) -> None:
+    info = zipfile.ZipInfo("tiny/train/cat/link.png")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16  # what `zip -y` stores for a symlink
+    zf.writestr(info, "/etc/passwd")
+
+
+def _tar_symlink(tar: tarfile.TarFile) -> None:
+    info = tarfile.TarInfo("tiny/train/cat/link.png")
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    tar.addfile(info)
+
+
+UNSAFE = {
+    "zip-dotdot": ("bad.zip", _zip, lambda zf: zf.writestr("tiny/../../outside.png", b"x"),
+                   "member 'tiny/../../outside.png' would land outside the extraction folder"),
+    "zip-absolute": ("bad.zip", _zip, lambda zf: zf.writestr("/abs/train/cat/0.png", b"x"),
+                     "member '/abs/train/cat/0.png' would land outside the extraction folder"),
+    "zip-symlink": ("bad.zip", _zip, _zip_symlink, "member 'tiny/train/cat/link.png' is a link"),
+    "tar-absolute": ("bad.tar.gz", _tar, lambda tar: add_bytes(tar, "/abs/train/cat/0.png", b"x"),
+                     "member '/abs/train/cat/0.png' would land outside the extraction folder"),
+    "tar-symlink": ("bad.tar.gz", _tar, _tar_symlink, "member 'tiny/train/cat/link.png' is a link"),
+}
+
+
+@pytest.mark.parametrize("case", UNSAFE)
+def test_unsafe_archive_member_is_refused(workdir, tmp_path, case):
+    name, build, extra, message = UNSAFE[case]
+    archive = build(tmp_path / name, extra)
+    with pytest.raises(StageError) as error:
+        run_download(workdir, **{"data.source": str(archive)})
+    assert str(error.value).startswith(f"{archive}: {message}")
+    assert not (workdir / "data/raw").exists()
+
+
+def test_unsafe_member_exit_code_and_single_line(workdir, tmp_path):
+    archive = _zip(tmp_path / "bad.zip", _zip_symlink)
+    write_params(workdir, **{"data.source": str(archive)})
+    result = run_stage("download", workdir)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error (download): {archive}: member 'tiny/train/cat/link.png' is a link; "
+        "links are refused (they can point outside the data)"]
+    assert not (workdir / "data/raw").exists()
+
+
+def write_folder(folder: Path) -> Path:
+    for name, data in image_folder_files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.mark.parametrize("target", ["file", "folder"])
+def test_symlink_in_a_folder_source_is_refused(workdir, tmp_path, target):
+    folder = write_folder(tmp_path / "images")
+    outside = tmp_path / "outside"
+    (outside / "0000.png").parent.mkdir(parents=True)
+    (outside / "0000.png").write_bytes((folder / "train/cat/0000.png").read_bytes())
+    link = folder / "train/cat/zzz.png" if target == "file" else folder / "train/cat/zzz"
+    link.symlink_to(outside / "0000.png" if target == "file" else outside)
+    with pytest.raises(StageError, match=re.escape(f"{folder}: 'train/cat/{link.name}' is a symbolic link")):
+        run_download(workdir, **{"data.source": str(folder)})
+    assert not (workdir / "data/raw").exists()
+
+
+def test_a_folder_reached_through_a_link_is_read(workdir, tmp_path):
+    (tmp_path / "alias").symlink_to(write_folder(tmp_path / "images"))
+    raw = run_download(workdir, **{"data.source": str(tmp_path / "alias")})
+    assert raw["train_images"].shape == (90, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name, cut", [("half.zip", "half"), ("download", "half"),  # zip magic, no suffix
+                                       ("head.tar.gz", 10)])  # gzip cut inside its first block
+def test_truncated_zip_or_gzip_is_named(workdir, tmp_path, name, cut):
+    built = make_image_folder_archive(tmp_path / ("x.tar.gz" if name.endswith(".tar.gz") else "x.zip"))
+    data = built.read_bytes()
+    archive = tmp_path / name
+    archive.write_bytes(data[: len(data) // 2 if cut == "half" else cut])
+    with pytest.raises(StageError, match=re.escape(f"{archive}: truncated or corrupt archive")):
+        run_download(workdir, **{"data.source": str(archive)})
+    assert not (workdir / "data/raw").exists()
+
+
+def test_a_class_missing_in_test_is_named(workdir, tmp_path):
+    archive = tmp_path / "no-test-dog.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in image_folder_files().items():
+            if not name.startswith("test/dog/"):
+                add_bytes(tar, name, data)
+    with pytest.raises(StageError, match=re.escape(f"{archive}: train/ and test/ differ in classes "
+                                                   "(missing in test/: ['dog']")):
+        run_download(workdir, **{"data.source": str(archive)})
+    assert not (workdir / "data/raw").exists()
+
+
+# --- checksums: pickles only when vouched for; folders have a tree hash -------------------------
+
+def test_pickle_archive_without_sha256_is_not_unpickled(workdir, pickle_archive, monkeypatch):
+    unpickled = []
+    real = download._unpickle
+    monkeypatch.setattr(download, "_unpickle", lambda archive, name, data: unpickled.append(name)
+                        or real(archive, name, data))
+    digest = hashlib.sha256(pickle_archive.read_bytes()).hexdigest()
+    with pytest.raises(StageError) as error:
+        run_download(workdir, **{"data.source": str(pickle_archive), "data.sha256": None})
+    assert str(error.value) == (f"{pickle_archive} holds pickled CIFAR batches, and unpickling can run "
+                                f"code: set data.sha256 to vouch for this archive (its sha256 is {digest})")
+    assert unpickled == [] and not (workdir / "data/raw").exists()
+
+    raw = run_download(workdir, **{"data.source": str(pickle_archive), "data.sha256": digest})
+    assert "test_batch" in unpickled and raw["meta"]["format"] == "cifar-pickle"
+
+
+def test_folder_tree_hash(workdir, tmp_path):
+    files = image_folder_files()
+    first, second = write_folder(tmp_path / "first"), write_folder(tmp_path / "second")
+    tree = download.tree_sha256(first)
+    assert tree == download.tree_sha256(second)  # same files, other place, other timestamps
+    lines = "".join(f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\n" for name in sorted(files))
+    assert tree == hashlib.sha256(lines.encode()).hexdigest()  # the definition in the docstring
+
+    raw = run_download(workdir, **{"data.source": str(first), "data.sha256": tree})
+    assert raw["meta"]["sha256"] == tree
+
+    image = second / "train/dog/0001.png"
+    image.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))
+    assert download.tree_sha256(second) != tree
+    shutil.rmtree(workdir / "data/raw")  # so that the next assert sees whether it was written again
+    expected = re.escape(f"{second}: sha256 is ") + f".*, but data.sha256 expects {tree}"
+    with pytest.raises(StageError, match=expected):
+        run_download(workdir, **{"data.source": str(second), "data.sha256": tree})
+    assert not (workdir / "data/raw").exists()
+
+
+# --- CIFAR-100 --------------------------------------------------------------------------------------
+
+FINE = ["apple", "bee", "castle", "dolphin"]
+
+
+def make_cifar100_archive(path: Path, train_per_class: int = 5, test_per_class: int = 2) -> Path:
+    """A .tar.gz in the official CIFAR-100 python layout: train, test and meta pickles."""
+    def batch(per_class: int, seed: int) -> dict:
+        images = np.concatenate([class_images(per_class, c, seed) for c in range(len(FINE))])
+        labels = np.repeat(np.arange(len(FINE)), per_class)
+        return {b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1),
+                b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 2).tolist()}
+
+    with tarfile.open(path, "w:gz") as tar:
+        add_bytes(tar, "cifar-100-python/train", pickle.dumps(batch(train_per_class, seed=1)))
+        add_bytes(tar, "cifar-100-python/test", pickle.dumps(batch(test_per_class, seed=2)))
+        add_bytes(tar, "cifar-100-python/meta", pickle.dumps({
+            b"fine_label_names": [c.encode() for c in FINE], b"coarse_label_names": [b"a", b"b"]}))
+    return path
+
+
+def check_cifar100(raw: dict) -> None:
+    assert raw["meta"]["format"] == "cifar-pickle" and raw["meta"]["classes"] == FINE
+    assert raw["train_images"].shape == (20, 3, 32, 32) and raw["test_images"].shape == (8, 3, 32, 32)
+    assert np.bincount(raw["train_labels"]).tolist() == [5, 5, 5, 5]  # fine labels, not coarse
+    for cls in range(3):  # the colour encodes the class: labels still point at their images
+        assert raw["train_images"][raw["train_labels"] == cls][:, cls].mean() > 120
+
+
+def test_local_cifar100_archive(workdir, tmp_path):
+    archive = make_cifar100_archive(tmp_path / "tiny-cifar100.tar.gz")
+    check_cifar100(run_download(workdir, **{"data.source": str(archive)}))  # sha256 pinned by write_params
+
+
+def test_official_cifar100_code_path(workdir, http_server, tmp_path, monkeypatch):
+    data = make_cifar100_archive(tmp_path / "tiny-cifar100.tar.gz").read_bytes()
+    base, served = http_server
+    (served / "cifar-100-python.tar.gz").write_bytes(data)
+    cls = point_official_at(monkeypatch, "cifar100", f"{base}/cifar-100-python.tar.gz", data)
+    raw = run_download(workdir, **{"data.source": "cifar100"})
+    check_cifar100(raw)
+    assert raw["meta"]["md5"] == hashlib.md5(data).hexdigest()
+    assert downloads(workdir) == ["cifar-100-python.tar.gz"]
+
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": "0" * 32})
+    with pytest.raises(StageError, match="batch 'meta' is missing or fails its MD5 check"):
+        run_download(workdir, **{"data.source": "cifar100"})
