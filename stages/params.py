@@ -4,15 +4,17 @@ Every stage calls `load()` before it does any work. Unknown keys are an error, s
 `dvc exp run -S train.lrr=0.1` stops the run instead of silently adding a key that nothing reads.
 Numbers that arrive as strings are accepted when they are numbers: `dvc exp run -S train.l1=1e-06`
 writes `1e-06`, which YAML 1.1 reads back as the string '1e-06' (a float needs a dot there).
+Infinity and NaN (`.inf`, 'inf', 'nan') and true/false where a number belongs are errors.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from stages.errors import ParamsError
 
@@ -20,8 +22,18 @@ PARAMS_FILE = Path("params.yaml")
 
 
 class Section(BaseModel):
-    # extra="forbid": unknown keys are errors; lax mode (the default) turns "1e-06" into 1e-06.
-    model_config = ConfigDict(extra="forbid")
+    # extra="forbid": unknown keys are errors; lax mode (the default) turns "1e-06" into 1e-06;
+    # allow_inf_nan=False: .inf, 'inf', 'nan', 'Infinity' are no number of any field.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Lax mode reads `epochs: true` as 1 and `lr: false` as 0.0: refuse true/false there."""
+        annotation = cls.model_fields[info.field_name].annotation  # int, float, int | None, ...
+        if isinstance(value, bool) and {int, float} & {annotation, *get_args(annotation)}:
+            raise PydanticCustomError("number_not_bool", "Input should be a number, not a boolean")
+        return value
 
 
 class Data(Section):
@@ -102,7 +114,8 @@ class Train(Section):
     l2_sp: float = Field(0.0, ge=0)  # loss += l2_sp * sum (w - w_pretrained)^2 (L2-SP)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
     compile: bool = False  # torch.compile the model (slower for net on a CPU: README "Speed")
-    threads: int = Field(0, ge=0)  # PyTorch CPU threads; 0 = every core this process may use
+    # PyTorch CPU threads; 0 = the cores this process may use, shared among running DVC queue workers
+    threads: int = Field(0, ge=0)
     # processes of distributed data-parallel training (torchrun, one per GPU or a share of the
     # CPU cores each); batch_size stays the global batch. Under torchrun, its --nproc-per-node rules.
     nproc: int = Field(1, ge=1, le=64)
@@ -180,8 +193,9 @@ def parse(raw: dict[str, Any]) -> Params:
         if err["type"] == "extra_forbidden":
             section = _section_of(err["loc"][:-1])
             allowed = ", ".join(section.model_fields)
-            raise ParamsError(f"params.yaml: unknown key '{key}' (allowed here: {allowed})") from None
-        raise ParamsError(f"params.yaml: {key} = {err['input']!r}: {err['msg']}") from None
+            raise ParamsError(f"params.yaml: unknown key '{key}' = {_show(err['input'])} "
+                              f"(allowed here: {allowed})") from None
+        raise ParamsError(f"params.yaml: {key} = {_show(err['input'])}: {err['msg']}") from None
     check_combinations(params)
     return params
 
@@ -263,6 +277,12 @@ def flatten(params: Params) -> dict[str, Any]:
         return {prefix: value}
 
     return walk("", params.model_dump())
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value as the error line shows it: its repr (one line), cut short if it is long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _section_of(loc: tuple) -> type[BaseModel]:
