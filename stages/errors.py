@@ -37,7 +37,8 @@ def run(main: Callable[[], None]) -> None:
         print(f"error ({stage}): {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print(f"error ({stage}): interrupted; run again to resume", file=sys.stderr)
+        again = "run again to resume" if stage == "train" else "run again"  # only train checkpoints
+        print(f"error ({stage}): interrupted; {again}", file=sys.stderr)
         sys.exit(130)
 
 

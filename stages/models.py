@@ -14,6 +14,9 @@ preprocessing of its own.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -189,6 +192,28 @@ def channel_mean_std(images: torch.Tensor, chunk: int = 10_000):
     mean = total / count
     std = (squares / count - mean ** 2).clamp(min=1e-12).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def cpu_threads() -> int:
+    """The cores this process may use, shared among DVC's running queue workers.
+
+    `dvc queue start -j N` runs N experiments at once; N processes that each use every core
+    oversubscribe them, and PyTorch's spinning OpenMP threads then collapse (README "Parallel
+    queues": on 2 cores, two 2-thread trainings together were slower than one alone). Each
+    worker leaves a pid file in DVC's queue folder; the live ones are counted.
+    """
+    cores = len(os.sched_getaffinity(0))
+    workers = 0
+    root = Path(os.environ.get("DVC_ROOT") or ".")  # a queued run works in a temporary copy
+    for pid_file in (root / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"):
+        try:
+            os.kill(int(pid_file.read_text().strip()), 0)
+            workers += 1
+        except PermissionError:
+            workers += 1  # alive, but not ours to signal
+        except (ValueError, OSError):
+            pass  # a stale file of a worker that has gone
+    return max(1, cores // max(1, workers))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -129,9 +129,10 @@ def run_tags(params: P.Params) -> dict[str, str]:
         "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
         "params_hash": hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16],
     }
-    for env, tag in [("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")]:
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    # The commit the run starts from: DVC's baseline for an experiment, else the checked-out one.
+    tags["dvc.baseline_rev"] = os.environ.get("DVC_EXP_BASELINE_REV") or tags["git.commit"]
     return tags
 
 
@@ -268,8 +269,14 @@ def _log_model(model, example_input, checkpoint: Path) -> None:
     import mlflow.pytorch
     import torch
 
-    mlflow.pytorch.log_model(model, name="model", input_example=example_input.numpy(),
-                             extra_files=[str(checkpoint)],
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():  # the signature: float32 images (N×3×H×W, pixels in [0, 1]) → class logits
+        device = next(model.parameters()).device
+        signature = infer_signature(example_input.numpy(),
+                                    model(example_input.to(device)).float().cpu().numpy())
+    mlflow.pytorch.log_model(model, name="model", signature=signature,
+                             input_example=example_input.numpy(), extra_files=[str(checkpoint)],
                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 

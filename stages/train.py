@@ -53,6 +53,7 @@ CURVE_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accur
 
 def main() -> None:
     params = P.load()
+    tracking.check_reachable(tracking.tracking_uri(params.mlflow))  # fail now, not after the data
     if int(os.environ.get("WORLD_SIZE", params.train.nproc)) > 1 and params.train.unfreeze_at_epoch:
         raise StageError("train.unfreeze_at_epoch can't be used with distributed training: DDP "
                          "fixes the set of trained parameters when it starts")
@@ -60,7 +61,7 @@ def main() -> None:
     device = resolve_device(params.train.device)
     rank, world = start_distributed(device)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.type == "cuda" else device
-    torch.set_num_threads(params.train.threads or default_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) or 1)
+    torch.set_num_threads(params.train.threads or models.cpu_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) or 1)
     torch.manual_seed(params.seed)
 
     train_x, train_y = load_split(PREPARED, "train")
@@ -242,34 +243,16 @@ def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prefix
 
 def checkpoint_path(params: P.Params, weights_sha256: str, world: int, *tensors: torch.Tensor) -> Path:
     """<repository root>/data/checkpoints/<hash of the params, pretrained weights, process count
-    (it changes the order of the sums, so a resumed run is bit-identical only with the same) and
-    data>.pt"""
+    (it changes the order of the sums, so a resumed run is bit-identical only with the same),
+    MLflow store (a resumed run reopens its MLflow run, which only that store has) and data>.pt"""
     digest = hashlib.sha256()
     training_params = {k: v for k, v in P.flatten(params).items() if not k.startswith("mlflow.")}
     digest.update(json.dumps(training_params, sort_keys=True).encode())
-    digest.update(f"{weights_sha256}/{world}".encode())
+    store = f"{tracking.tracking_uri(params.mlflow)}#{params.mlflow.experiment}"
+    digest.update(f"{weights_sha256}/{world}/{store}".encode())
     for tensor in tensors:
         digest.update(tensor.numpy().tobytes())
     return tracking.repo_root() / CHECKPOINTS / f"{digest.hexdigest()[:20]}.pt"
-
-
-def default_threads() -> int:
-    """The cores this process may use, shared among DVC's running queue workers.
-
-    `dvc queue start -j N` runs N experiments at once; N processes that each use every core
-    oversubscribe them, and PyTorch's spinning OpenMP threads then collapse (on 2 cores, two
-    2-thread trainings ran 45× slower than one). Each worker leaves a pid file in DVC's queue
-    folder; the live ones are counted.
-    """
-    cores = len(os.sched_getaffinity(0))
-    workers = 0
-    for pid_file in (tracking.repo_root() / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"):
-        try:
-            os.kill(int(pid_file.read_text().strip()), 0)
-            workers += 1
-        except (ValueError, OSError):
-            pass  # a stale file of a worker that has gone
-    return max(1, cores // max(1, workers))
 
 
 def resolve_device(choice: str) -> torch.device:

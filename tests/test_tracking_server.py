@@ -73,12 +73,17 @@ def test_an_unreachable_server_fails_fast_naming_the_uri(prepared):
         tracking.check_reachable(uri)
     assert time.time() - start < 10
 
-    result = run_stage("train", prepared, env={"MLFLOW_TRACKING_URI": uri})
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        f"error (train): MLflow tracking server {uri} is unreachable (ConnectionError): start it, "
-        "or unset MLFLOW_TRACKING_URI and mlflow.tracking_uri to log to mlflow.db"]
-    assert not (prepared / "models/model.pt").exists()
+    # Each stage that logs checks the server first, before any work: within 10 s of its start,
+    # start-up (importing torch and mlflow) included.
+    for stage, output in [("train", "models/model.pt"), ("evaluate", "metrics/eval.json")]:
+        start = time.time()
+        result = run_stage(stage, prepared, env={"MLFLOW_TRACKING_URI": uri})
+        assert time.time() - start < 10, f"{stage} took {time.time() - start:.1f} s to fail"
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [
+            f"error ({stage}): MLflow tracking server {uri} is unreachable (ConnectionError): start "
+            "it, or unset MLFLOW_TRACKING_URI and mlflow.tracking_uri to log to mlflow.db"]
+        assert not (prepared / output).exists()
 
 
 def test_a_server_dying_mid_run_loses_nothing(prepared, server):
@@ -109,3 +114,8 @@ def test_a_server_dying_mid_run_loses_nothing(prepared, server):
     steps = {m.step for m in client.get_metric_history(run_id, "val_accuracy")}
     assert steps == set(range(1, EPOCHS + 1))
     assert {"train.json", "params.yaml"} <= {a.path for a in client.list_artifacts(run_id)}
+    # The model, logged by the replay (MLflow 3 keeps it as a logged model of the run).
+    (model,) = client.search_logged_models([run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{run_id}'")
+    files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
+    assert "MLmodel" in files and "extra_files" in files

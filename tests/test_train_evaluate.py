@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, write_params
-from stages import augment, download, evaluate, io as sio, models, params as P, train
+from stages import augment, download, evaluate, io as sio, models, params as P, tracking, train
 
 
 def run_pipeline(workdir, **overrides) -> None:
@@ -70,7 +70,7 @@ def test_outputs_and_metrics(finished):
     assert P.parse(checkpoint["params"]).train.epochs == 3
 
 
-def test_one_mlflow_run_holds_everything(finished):
+def test_one_mlflow_run_holds_everything(finished, pickle_archive):
     c = client(finished)
     experiment = c.get_experiment_by_name("overfitting")
     runs = c.search_runs([experiment.experiment_id])
@@ -86,8 +86,12 @@ def test_one_mlflow_run_holds_everything(finished):
         assert len(c.get_metric_history(run.info.run_id, name)) == 3
     for name in ("test_accuracy", "test_loss", "generalization_gap", "final_train_accuracy", "num_parameters"):
         assert name in run.data.metrics
-    assert "git.commit" in run.data.tags and "params_hash" in run.data.tags
-    assert "data.sha256" in run.data.tags
+    tags = run.data.tags
+    assert {"git.commit", "git.dirty", "dvc.baseline_rev"} <= set(tags)
+    params = P.load(finished / "params.yaml")  # the hash of exactly the params the run trained with
+    assert tags["params_hash"] == tracking.run_tags(params)["params_hash"]
+    assert tags["params_hash"] != tracking.run_tags(P.parse({"train": {"lr": 0.02}}))["params_hash"]
+    assert tags["data.sha256"] == sio.sha256_of(pickle_archive)
 
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"params.yaml", "train.json", "train_curves.csv", "train_curves.png", "eval.json",
@@ -95,6 +99,10 @@ def test_one_mlflow_run_holds_everything(finished):
     # The logged model loads back and predicts a batch of any size.
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     assert model(torch.zeros(5, 3, 32, 32)).shape == (5, 3)
+    # ... and says what it takes and gives: its signature.
+    signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").signature
+    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 3, 32, 32)}}]
+    assert signature.outputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 3)}}]
 
 
 def test_same_params_same_bytes(workdir, pickle_archive):
@@ -131,14 +139,19 @@ def test_run_name_and_tags_from_dvc_environment(workdir, pickle_archive, monkeyp
     assert (main_repo / "mlruns").is_dir()  # artifacts beside the store, not in the workspace
 
 
-def test_tracking_uri_from_environment_wins(workdir, pickle_archive, monkeypatch, tmp_path):
+def test_tracking_uri_from_params_and_environment(workdir, pickle_archive, monkeypatch, tmp_path):
     store = tmp_path / "elsewhere.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     run_pipeline(workdir, **{"data.source": str(pickle_archive), "train.epochs": 1,
-                             "mlflow.experiment": "env-test"})
+                             "mlflow.experiment": "param-test", "mlflow.tracking_uri": f"sqlite:///{store}"})
     assert store.exists() and not (workdir / "mlflow.db").exists()
     c = MlflowClient(f"sqlite:///{store}")
-    assert len(c.search_runs([c.get_experiment_by_name("env-test").experiment_id])) == 1
+    (run,) = c.search_runs([c.get_experiment_by_name("param-test").experiment_id])
+    assert "test_accuracy" in run.data.metrics  # evaluate found the run in the same store
+    # MLFLOW_TRACKING_URI wins over the param; with neither, the repository's mlflow.db.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking.tracking_uri(P.Mlflow(tracking_uri=f"sqlite:///{store}")) == "http://127.0.0.1:1"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.tracking_uri(P.Mlflow()) == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
 
 
 def curve(val_losses, train_losses):
