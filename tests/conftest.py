@@ -24,6 +24,7 @@ import yaml
 from PIL import Image
 
 from stages import augment, download
+from stages.io import sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "ship"]
@@ -112,7 +113,17 @@ def folder_archive(tmp_path_factory) -> Path:
 
 
 def write_params(folder: Path, **overrides) -> dict:
-    """The repository's params.yaml with dotted overrides, e.g. {"train.epochs": 2}."""
+    """The repository's params.yaml with dotted overrides, e.g. {"train.epochs": 2}.
+
+    A data.source that is a local file gets data.sha256 pinned to its hash, unless the overrides
+    set data.sha256 themselves (None: no checksum): the download stage unpickles a CIFAR pickle
+    archive only when data.sha256 vouches for it.
+    """
+    source = overrides.get("data.source")
+    if isinstance(source, str) and "data.sha256" not in overrides:
+        path = Path(source) if Path(source).is_absolute() else folder / source  # as the stage sees it
+        if path.is_file():
+            overrides = {**overrides, "data.sha256": sha256_of(path)}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for key, value in overrides.items():
         node = params
@@ -145,8 +156,9 @@ def run_stage(name: str, cwd: Path, env: dict | None = None) -> subprocess.Compl
 
 
 def copy_repo(dest: Path) -> Path:
-    """The repository's files as a user's clone would have them (tracked + not ignored)."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+    """The files git tracks, as a clone would have them (with the working tree's edits): a file
+    the pipeline needs but git doesn't track fails the tests here as it would fail a user."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "-z"],
                             cwd=REPO, capture_output=True, text=True, check=True).stdout
     for name in filter(None, listed.split("\0")):
         src = REPO / name

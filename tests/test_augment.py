@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import write_params
-from stages import augment as augment_stage, download
+from conftest import TINY, write_params
+from stages import augment as augment_stage, download, io as sio, train
 from stages.data import Policy, augment, epoch_generator, random_crop
 from stages.errors import StageError
 
@@ -100,3 +103,32 @@ def test_augmentation_is_reproducible_and_differs_between_epochs():
 def test_no_policy_is_the_identity():
     images = torch.randint(0, 255, (5, 3, 8, 8), dtype=torch.uint8)
     assert torch.equal(augment(images, Policy(), torch.Generator()), images)
+
+
+def test_online_augmentation_is_what_changes_training(workdir, pickle_archive, monkeypatch):
+    """The image policy reaches training only with augment.online; then every epoch sees a new
+    augmented copy of each image, and a progress bar shows each epoch on a terminal."""
+    source = {"data.source": str(pickle_archive)}
+    policy = {"augment.flip": True, "augment.crop_padding": 4}
+    write_params(workdir, **{**TINY, **source, **policy})
+    download.main()
+    augment_stage.main()  # no offline copies: the prepared data are the same with or without a policy
+
+    def weights(**overrides):
+        write_params(workdir, **{**TINY, **source, **overrides})
+        train.main()
+        return sio.load_torch(workdir / "models/model.pt")["state_dict"]
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    plain = weights()
+    offline_policy = weights(**policy)  # online is off: the policy must not touch training
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    online = weights(**policy, **{"augment.online": True})
+    assert all(torch.equal(plain[k], offline_policy[k]) for k in plain)
+    assert not all(torch.equal(plain[k], online[k]) for k in plain)
+    bars = terminal.getvalue()
+    assert "epoch 1/2" in bars and "epoch 2/2" in bars and "it/s" in bars
