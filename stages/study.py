@@ -1,13 +1,14 @@
 """The regularization study: one DVC experiment per (technique, seed), and a table of the results.
 
     python -m stages.study run   [--source S --sha256 H] [--jobs N] [--rows a,b] [--seeds 0,1,2]
+                                 [--set key=value ...] [--prefix P]
     python -m stages.study table [--out reports/study.md]
 
 `run` queues the grid with `dvc exp run --queue` (each experiment named study-<row>-s<seed>,
 in a temporary workspace, so edits made while it runs can't leak in), runs the queue with
 `dvc queue start -j N`, waits for it, then writes the table and, run by run, the comparison
-report of `python -m stages.compare`. `table` reads the runs back from
-MLflow by their DVC experiment names and prints mean ± std over seeds.
+report of `python -m stages.compare`. `table` reads the runs back from MLflow by their DVC
+experiment names and prints mean ± std over seeds.
 
 The regime overfits on purpose (5,000 training images, 60 epochs, lr 0.01): the baseline's
 training accuracy passes 90% while its test accuracy stays near 45%.
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from stages import io as sio, params as P
 
@@ -97,14 +100,16 @@ SEEDS = (0, 1, 2)
 OUT = Path("reports/study.md")
 
 
-def exp_name(row: str, seed: int) -> str:
-    return f"study-{row}-s{seed}"
+def exp_name(row: str, seed: int, prefix: str = "study") -> str:
+    return f"{prefix}-{row}-s{seed}"
 
 
 def overrides(row: str, seed: int, source: str | None, sha256: str | None,
-              grid: str = "regularization") -> dict:
+              grid: str = "regularization", extra: dict | None = None) -> dict:
+    """The params of one experiment: the grid's regime, the row's changes, the seed, and then
+    `extra` (study run --set key=value) over all of them."""
     regime, rows = GRIDS[grid]
-    values = {**regime, **rows[row], "seed": seed}
+    values = {**regime, **rows[row], "seed": seed, **(extra or {})}
     if source:
         values["data.source"] = source
     if sha256:
@@ -113,16 +118,63 @@ def overrides(row: str, seed: int, source: str | None, sha256: str | None,
     return values
 
 
-def queue(rows, seeds, source, sha256, grid: str = "regularization") -> None:
+def queue(rows, seeds, source, sha256, grid: str = "regularization", extra: dict | None = None,
+          prefix: str = "study") -> None:
     """Seed by seed, so that a queue cut short leaves every row with the same seeds."""
     for seed in seeds:
         for row in rows:
-            cmd = ["dvc", "exp", "run", "--queue", "-n", exp_name(row, seed)]
-            subprocess.run(cmd + P.set_options(overrides(row, seed, source, sha256, grid)), check=True)
+            cmd = ["dvc", "exp", "run", "--queue", "-n", exp_name(row, seed, prefix)]
+            values = overrides(row, seed, source, sha256, grid, extra)
+            subprocess.run(cmd + P.set_options(values), check=True)
 
 
-def wait_for_queue(poll_seconds: float = 15) -> None:
-    while pending(subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True).stdout):
+WORKERS = Path(".dvc/tmp/exps/celery")  # where DVC's queue workers write their logs
+
+
+def start_queue(jobs: int, repo: Path = Path(".")) -> None:
+    """`dvc queue start -j jobs`, and a word if a worker died starting.
+
+    Workers that start together can race on the file-based message broker of DVC's queue
+    (kombu's filesystem transport): one reads an exchange file while the other writes it, and
+    dies at start with JSONDecodeError (treeverse/dvc-task#73). The queue still completes on the
+    other workers, only less in parallel. Starting them one by one doesn't help: a second
+    `dvc queue start` doesn't see a busy worker and starts another worker 1, or waits for it.
+    """
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, check=True)
+    time.sleep(10)  # a worker that dies at start does so within a few seconds
+    for n in workers_that_died_starting(repo):
+        print(f"study: DVC queue worker {n} died at start (a known DVC race, treeverse/dvc-task#73); "
+              "the other workers run its share", flush=True)
+
+
+def workers_that_died_starting(repo: Path = Path(".")) -> list[int]:
+    """Queue workers whose log (of the latest start) ends in celery's 'Unrecoverable error'."""
+    died = []
+    for log in sorted((repo / WORKERS).glob("dvc-exp-worker-*.out")):
+        latest = log.read_text(errors="replace").rsplit("@localhost v", 1)[-1]  # since the last banner
+        if "Unrecoverable error" in latest:
+            died.append(int(log.stem.rsplit("-", 1)[1]))
+    return died
+
+
+def wait_for_queue(poll_seconds: float = 10, repo: Path = Path("."), max_failures: int = 5,
+                   timeout: float | None = None) -> None:
+    """Until nothing is queued or running. `dvc queue status` itself can fail now and then (the
+    same broker race); a few failures in a row are retried, more are an error."""
+    failures, deadline = 0, time.time() + (timeout or float("inf"))
+    while True:
+        if time.time() > deadline:
+            raise TimeoutError(f"the DVC queue was not done within {timeout:.0f} s")
+        status = subprocess.run(["dvc", "queue", "status"], cwd=repo, capture_output=True, text=True)
+        if status.returncode != 0:
+            failures += 1
+            if failures >= max_failures:
+                raise RuntimeError(f"`dvc queue status` failed {failures} times in a row: "
+                                   f"{status.stderr.strip()[-300:]}")
+        else:
+            failures = 0
+            if not pending(status.stdout):
+                return
         time.sleep(poll_seconds)
 
 
@@ -132,7 +184,7 @@ def pending(queue_status: str) -> int:
                if line.split() and line.split()[-1] in ("Queued", "Running"))
 
 
-def table(rows=tuple(ROWS), seeds=SEEDS, grid: str = "regularization") -> str:
+def table(rows=tuple(ROWS), seeds=SEEDS, grid: str = "regularization", prefix: str = "study") -> str:
     from mlflow.tracking import MlflowClient
 
     from stages import tracking
@@ -140,26 +192,31 @@ def table(rows=tuple(ROWS), seeds=SEEDS, grid: str = "regularization") -> str:
     params = P.load()
     client = MlflowClient(tracking.tracking_uri(params.mlflow))
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
-    runs = client.search_runs([experiment.experiment_id], "tags.`dvc.exp_name` LIKE 'study-%'",
+    runs = client.search_runs([experiment.experiment_id], f"tags.`dvc.exp_name` LIKE '{prefix}-%'",
                               max_results=5000) if experiment else []
     by_name = {}
     for run in sorted(runs, key=lambda r: r.info.start_time):  # the latest run of a name wins
         if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
             by_name[run.data.tags["dvc.exp_name"]] = run
 
-    lines = ["| technique | params (on top of the regime) | seeds | train accuracy | test accuracy | gap (train − test) | test coarse accuracy | test rotation accuracy | epochs run | minutes (train + evaluate) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        found = [by_name[exp_name(row, s)] for s in seeds if exp_name(row, s) in by_name]
-        if not found:
-            continue
+    found_by_row = {row: [by_name[exp_name(row, s, prefix)] for s in seeds
+                          if exp_name(row, s, prefix) in by_name] for row in rows}
+    found_by_row = {row: found for row, found in found_by_row.items() if found}
+    # Auxiliary tasks' columns (stages/tasks.py) only when some row has them.
+    task_keys = [k for k in ("test_coarse_accuracy", "test_rotation_accuracy")
+                 if any(k in r.data.metrics for found in found_by_row.values() for r in found)]
+    header = ["technique", "params (on top of the regime)", "seeds", "train accuracy",
+              "test accuracy", "gap (train − test)", *(k.replace("_", " ") for k in task_keys),
+              "epochs run", "minutes (train + evaluate)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, found in found_by_row.items():
         m = lambda key: [r.data.metrics[key] for r in found]  # noqa: E731
         minutes = [(r.info.end_time - r.info.start_time) / 60000 for r in found]
         changes = ", ".join(f"{k}={v}" for k, v in GRIDS[grid][1][row].items()) or "—"
-        lines.append(f"| {row} | {changes} | {len(found)} | {_pm(m('final_train_accuracy'))} | "
-                     f"{_pm(m('test_accuracy'))} | {_pm(m('generalization_gap'), ' pt')} | "
-                     f"{_task_cell(found, 'test_coarse_accuracy')} | {_task_cell(found, 'test_rotation_accuracy')} | "
-                     f"{statistics.mean(m('final_epochs_run')):.0f} | {statistics.mean(minutes):.1f} |")
+        cells = [row, changes, str(len(found)), _pm(m("final_train_accuracy")), _pm(m("test_accuracy")),
+                 _pm(m("generalization_gap"), " pt"), *(_task_cell(found, k) for k in task_keys),
+                 f"{statistics.mean(m('final_epochs_run')):.0f}", f"{statistics.mean(minutes):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +244,11 @@ def main() -> None:
     parser.add_argument("--rows", help="comma-separated rows of the grid (default: all)")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a param over every row (repeatable), e.g. --set train.epochs=5 for "
+                             "a quick pass; use it with another --prefix")
+    parser.add_argument("--prefix", default="study",
+                        help="experiment names <prefix>-<row>-s<seed> (default: study)")
     args = parser.parse_args()
     grid_rows = GRIDS[args.grid][1]
     rows = args.rows.split(",") if args.rows else list(grid_rows)
@@ -194,18 +256,24 @@ def main() -> None:
     if unknown:
         sys.exit(f"error (study): unknown rows {unknown}; the grid has: {', '.join(grid_rows)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"error (study): --set {item!r}: expected KEY=VALUE")
+        extra[key] = yaml.safe_load(value)  # as in params.yaml: 5 → int, null → None
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
     if args.command == "run":
-        queue(rows, seeds, args.source, args.sha256, args.grid)
-        subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True)
+        queue(rows, seeds, args.source, args.sha256, args.grid, extra, args.prefix)
+        start_queue(args.jobs)
         wait_for_queue()
-    text = table(rows, seeds, args.grid)
+    text = table(rows, seeds, args.grid, args.prefix)
     sio.write_text(args.out, text)
     print(text)
     if args.command == "run":  # and every single run: reports/comparison.md, curves.png, gap.png
         subprocess.run([sys.executable, "-m", "stages.compare", "--exps",
-                        ",".join(exp_name(r, s) for r in rows for s in seeds)], check=False)
+                        ",".join(exp_name(r, s, args.prefix) for r in rows for s in seeds)], check=True)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY, copy_repo, write_params
-from stages.study import pending
+from stages import io as sio, study
 
 BIN = Path(sys.executable).parent  # the venv's: dvc, and the `python` that DVC's stages call
 
@@ -61,9 +61,11 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo):
     (run,) = runs(repo)
     assert "test_accuracy" in run.data.metrics and run.data.params["train.lr"] == "0.01"
     assert run.data.tags["git.commit"] == ok(repo, "git", "rev-parse", "HEAD").strip()
+    assert run.data.tags["git.dirty"] == "false"  # params.yaml as committed
     # The store and its artifacts are neither in git's nor in DVC's view.
     status = ok(repo, "git", "status", "--porcelain", "--ignored")
     assert "!! mlflow.db" in status and "!! mlruns/" in status
+    assert ok(repo, "dvc", "check-ignore", "mlflow.db", "mlruns").split() == ["mlflow.db", "mlruns"]
 
 
 def test_second_repro_does_nothing(repo):
@@ -95,6 +97,26 @@ def test_a_fresh_clone_pulls_from_the_remote_and_has_nothing_to_repro(repo, tmp_
     assert not (clone / "mlflow.db").exists()  # nothing ran, so nothing was logged
 
 
+def test_each_stage_reruns_only_for_the_params_it_reads(repo):
+    import yaml
+
+    original = (repo / "params.yaml").read_text()
+    try:
+        for key, value, stages in [("augment.online", True, {"train"}),
+                                   ("augment.copies", 1, {"augment"}),
+                                   ("augment.flip", True, {"augment", "train"}),
+                                   ("evaluate.max_gap", 0.2, {"evaluate"}),
+                                   ("data.image_size", 40, {"download"})]:
+            section, name = key.split(".")
+            params = yaml.safe_load(original)
+            params[section][name] = value
+            (repo / "params.yaml").write_text(yaml.safe_dump(params))
+            changed = set(json.loads(ok(repo, "dvc", "status", "--json")))
+            assert changed == {"check", *stages}, key  # check validates all of params.yaml
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
 def test_dvc_metrics_and_plots_read_the_outputs(repo):
     metrics = json.loads(ok(repo, "dvc", "metrics", "show", "--json"))
     flat = json.dumps(metrics)
@@ -113,6 +135,8 @@ def test_exp_run_with_a_param_adds_a_second_run(repo):
     names = ok(repo, "dvc", "exp", "list", "--name-only").split()
     assert second.info.run_name in names
     assert second.data.tags["dvc.exp_name"] == second.info.run_name
+    assert second.data.tags["dvc.baseline_rev"] == ok(repo, "git", "rev-parse", "HEAD").strip()
+    assert second.data.tags["git.dirty"] == "true"  # DVC changed params.yaml for the experiment
     assert "test_accuracy" in second.data.metrics
 
 
@@ -139,42 +163,97 @@ def test_dvc_itself_refuses_a_plain_typo(repo):
     assert result.returncode != 0 and "Could not override 'train.lrr'" in result.stderr
 
 
-def test_parallel_queue_lands_every_run_complete(repo):
+def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pickle_archive):
+    """`make study`'s command on tiny data, two workers: every run lands complete in MLflow, the
+    runs overlap in time, and the table and the comparison report hold every run."""
     ok(repo, "git", "add", "-A")
     ok(repo, "git", "commit", "-q", "--allow-empty", "-m", "before the queue")
-    names = [f"par-{i}" for i in range(3)]
-    for i, name in enumerate(names):
-        ok(repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={0.01 * (i + 1)}",
-           "-S", "train.epochs=3")
+    rows = ["baseline", "dropout", "l2"]
     try:
-        ok(repo, "dvc", "queue", "start", "-j", "2")
-        deadline = time.time() + 600
-        while pending(ok(repo, "dvc", "queue", "status")):
-            assert time.time() < deadline, ok(repo, "dvc", "queue", "status")
-            time.sleep(3)
+        out = ok(repo, "python", "-m", "stages.study", "run", "--rows", ",".join(rows), "--seeds", "0",
+                 "--jobs", "2", "--prefix", "tiny", "--out", "reports/tiny-study.md",
+                 "--set", "train.epochs=3", "--set", "data.train_size=null")
     finally:
         sh(repo, "dvc", "queue", "stop", "--kill")
     assert "Failed" not in ok(repo, "dvc", "queue", "status")
 
+    names = [f"tiny-{row}-s0" for row in rows]
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     by_name = {r.data.tags.get("dvc.exp_name"): r for r in runs(repo)}
-    for i, name in enumerate(names):
+    head = ok(repo, "git", "rev-parse", "HEAD").strip()
+    for row, name in zip(rows, names):
         run = by_name[name]
         assert run.info.run_name == name and run.info.status == "FINISHED"
-        assert run.data.params["train.lr"] == str(0.01 * (i + 1))
-        assert run.data.tags["dvc.baseline_rev"] == ok(repo, "git", "rev-parse", "HEAD").strip()
+        expected = study.overrides(row, 0, None, None, extra={"train.epochs": 3, "data.train_size": None})
+        for key, value in expected.items():
+            assert run.data.params[key] == str(value), key
+        assert run.data.tags["dvc.baseline_rev"] == head
+        assert run.data.tags["data.sha256"] == sio.sha256_of(pickle_archive)
+        assert len(run.data.tags["params_hash"]) == 16
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
         assert "test_accuracy" in run.data.metrics and "verdict" in run.data.tags
+    assert len({by_name[n].data.tags["params_hash"] for n in names}) == 3
     assert not (repo / "data/mlflow-missed").exists()  # nothing had to be journaled
-    # Two workers on this machine's cores: each training took its share, not all of them.
     threads = [by_name[n].data.metrics["torch_threads"] for n in names]
     cores = len(os.sched_getaffinity(0))
-    assert max(1, cores // 2) in threads and all(t <= cores for t in threads)
+    assert all(t <= cores for t in threads)
+    if study.workers_that_died_starting(repo):  # DVC's own start-up race (treeverse/dvc-task#73)
+        assert "died at start" in out  # said so; the other worker ran every experiment
+        warnings.warn("a DVC queue worker died at start: the runs were not parallel this time")
+    else:
+        # The two workers really ran at the same time: some two runs overlap ...
+        spans = sorted((by_name[n].info.start_time, by_name[n].info.end_time) for n in names)
+        assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+        # ... and each training took its share of this machine's cores, not all of them.
+        assert max(1, cores // 2) in threads
 
-    ok(repo, "python", "-m", "stages.compare", "--exps", ",".join(names))
+    table = (repo / "reports/tiny-study.md").read_text()
+    assert all(f"| {row} |" in table for row in rows) and "| dropout | model.dropout=0.5 | 1 |" in table
+    assert table in out  # printed too
     report = (repo / "reports/comparison.md").read_text()
     assert all(f"| {name} |" in report for name in names)
 
     ok(repo, "dvc", "plots", "diff", names[0], names[1], "-o", str(repo / "plots-diff"))
     html = (repo / "plots-diff" / "index.html").read_text()
     assert names[0] in html and names[1] in html
+
+
+def test_sigkill_during_repro_then_repro_resumes_bit_identically(repo):
+    """DVC deletes a stage's outputs before running it; the checkpoint in data/checkpoints/ is not
+    one of them, so the next `dvc repro` resumes and ends with the same bytes."""
+    import signal
+    import yaml
+
+    from conftest import wait_for_checkpoint
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 40  # tiny epochs: long enough to be killed part-way
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    ok(repo, "dvc", "repro")  # the uninterrupted reference
+    outputs = ("models/model.pt", "metrics/train.json", "reports/train_curves.csv", "metrics/eval.json")
+    expected = {path: (repo / path).read_bytes() for path in outputs}
+    before = len(runs(repo))
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    for var in ("DVC_ROOT", "DVC_EXP_NAME", "MLFLOW_TRACKING_URI"):
+        env.pop(var, None)
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_checkpoint(repo, 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # DVC and the stage it runs, at once
+    proc.wait()
+    assert not (repo / "models/model.pt").exists()  # DVC had removed the stage's outputs
+
+    out = ok(repo, "dvc", "repro")
+    assert "Running stage 'train'" in out and "resuming after epoch" in out
+    for path, data in expected.items():
+        assert (repo / path).read_bytes() == data, path
+    assert not list((repo / "data/checkpoints").glob("*.pt"))  # removed once training finished
+    resumed = runs(repo)[-1]
+    assert len(runs(repo)) == before + 1  # the killed run was continued, not restarted
+    history = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_metric_history(
+        resumed.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == list(range(1, 41)) and resumed.info.status == "FINISHED"
+    assert resumed.info.run_id == json.loads((repo / "models/run.json").read_text())["run_id"]
+    assert "test_accuracy" in resumed.data.metrics  # evaluate logged into the resumed run

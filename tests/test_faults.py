@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import EPOCHS, TINY, finish, start_train, wait_for_checkpoint, write_params
+from conftest import TINY, finish, start_train, wait_for_checkpoint, write_params
 from stages import errors, io as sio, tracking
 
 def runs(cwd):
@@ -20,29 +20,7 @@ def runs(cwd):
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def test_sigkill_then_rerun_resumes_bit_identically(prepared):
-    reference = finish(start_train(prepared))
-    assert reference.returncode == 0, reference.stderr
-    expected = {p: (prepared / p).read_bytes() for p in ("models/model.pt", "metrics/train.json")}
-    assert not list((prepared / "data/checkpoints").glob("*.pt"))  # removed once finished
-
-    proc = start_train(prepared)
-    wait_for_checkpoint(prepared, 3, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (prepared / "models/model.pt").unlink()  # as DVC does before rerunning the stage
-
-    resumed = finish(start_train(prepared))
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after epoch" in resumed.stdout
-    for path, data in expected.items():
-        assert (prepared / path).read_bytes() == data, path
-
-    client, (first, second) = runs(prepared)
-    assert second.info.run_id == json.loads((prepared / "models/run.json").read_text())["run_id"]
-    assert client.get_run(second.info.run_id).info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(second.info.run_id, "val_accuracy")}
-    assert steps == set(range(1, EPOCHS + 1))  # one run holds the whole history
+# SIGKILL in the middle of `dvc repro`, and the resume: tests/test_dvc_pipeline.py
 
 
 def test_sigterm_marks_the_run_killed_and_leaves_a_checkpoint(prepared):
