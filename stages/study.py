@@ -132,7 +132,7 @@ WORKERS = Path(".dvc/tmp/exps/celery")  # where DVC's queue workers write their 
 
 
 def start_queue(jobs: int, repo: Path = Path(".")) -> None:
-    """`dvc queue start -j jobs`, and a word if a worker died starting.
+    """`dvc queue start -j jobs`; report_dead_workers says afterwards if a worker died starting.
 
     Workers that start together can race on the file-based message broker of DVC's queue
     (kombu's filesystem transport): one reads an exchange file while the other writes it, and
@@ -141,10 +141,12 @@ def start_queue(jobs: int, repo: Path = Path(".")) -> None:
     `dvc queue start` doesn't see a busy worker and starts another worker 1, or waits for it.
     """
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, check=True)
-    time.sleep(10)  # a worker that dies at start does so within a few seconds
+
+
+def report_dead_workers(repo: Path = Path(".")) -> None:
     for n in workers_that_died_starting(repo):
         print(f"study: DVC queue worker {n} died at start (a known DVC race, treeverse/dvc-task#73); "
-              "the other workers run its share", flush=True)
+              "the other workers ran its share", flush=True)
 
 
 def workers_that_died_starting(repo: Path = Path(".")) -> list[int]:
@@ -268,6 +270,7 @@ def main() -> None:
         queue(rows, seeds, args.source, args.sha256, args.grid, extra, args.prefix)
         start_queue(args.jobs)
         wait_for_queue()
+        report_dead_workers()
     text = table(rows, seeds, args.grid, args.prefix)
     sio.write_text(args.out, text)
     print(text)
