@@ -2,7 +2,7 @@
 
     python -m stages.study run   [--source S --sha256 H] [--jobs N] [--rows a,b] [--seeds 0,1,2]
                                  [--set key=value ...] [--prefix P]
-    python -m stages.study table [--out reports/study.md]
+    python -m stages.study table [--grid G] [--prefix P] [--out FILE]
 
 `run` queues the grid with `dvc exp run --queue` (each experiment named study-<row>-s<seed>,
 in a temporary workspace, so edits made while it runs can't leak in), runs the queue with
@@ -97,7 +97,12 @@ MULTITASK_ROWS: dict[str, dict] = {
 GRIDS = {"regularization": (REGIME, ROWS), "finetune": (FINETUNE_REGIME, FINETUNE_ROWS),
          "multitask": ({}, MULTITASK_ROWS)}
 SEEDS = (0, 1, 2)
-OUT = Path("reports/study.md")
+
+
+def default_out(prefix: str, grid: str) -> Path:
+    """reports/study.md for the regularization study, reports/study-finetune.md, ...;
+    reports/<prefix>.md for a pass under other names, so it never overwrites the study's table."""
+    return Path("reports") / (f"{prefix}.md" if grid == "regularization" else f"{prefix}-{grid}.md")
 
 
 def exp_name(row: str, seed: int, prefix: str = "study") -> str:
@@ -245,7 +250,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="parallel DVC queue workers")
     parser.add_argument("--rows", help="comma-separated rows of the grid (default: all)")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, help="the table's file (default: reports/<prefix>.md, "
+                                                 "reports/<prefix>-<grid>.md for another grid)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a param over every row (repeatable), e.g. --set train.epochs=5 for "
                              "a quick pass; use it with another --prefix")
@@ -266,15 +272,19 @@ def main() -> None:
         extra[key] = yaml.safe_load(value)  # as in params.yaml: 5 → int, null → None
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+    table_rows, table_seeds = rows, seeds
     if args.command == "run":
         queue(rows, seeds, args.source, args.sha256, args.grid, extra, args.prefix)
         start_queue(args.jobs)
         wait_for_queue()
         report_dead_workers()
-    text = table(rows, seeds, args.grid, args.prefix)
-    sio.write_text(args.out, text)
+        # The table of the whole grid as MLflow knows it: a run of a few rows or seeds adds to
+        # the table instead of cutting it down to them.
+        table_rows, table_seeds = list(grid_rows), sorted(set(SEEDS) | set(seeds))
+    text = table(table_rows, table_seeds, args.grid, args.prefix)
+    sio.write_text(args.out or default_out(args.prefix, args.grid), text)
     print(text)
-    if args.command == "run":  # and every single run: reports/comparison.md, curves.png, gap.png
+    if args.command == "run":  # and every run just made: reports/comparison.md, curves.png, gap.png
         subprocess.run([sys.executable, "-m", "stages.compare", "--exps",
                         ",".join(exp_name(r, s, args.prefix) for r in rows for s in seeds)], check=True)
 

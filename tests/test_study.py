@@ -33,3 +33,11 @@ def test_every_row_of_the_grid_is_valid_params():
     # the row of the same name in two grids is one experiment: the same params in both
     assert (study.overrides("lite0-5000-imagenet", 1, None, None, grid="multitask")
             == study.overrides("lite0-5000-imagenet", 1, None, None, grid="finetune"))
+
+
+def test_a_pass_under_other_names_or_another_grid_keeps_the_study_table():
+    from pathlib import Path
+
+    assert study.default_out("study", "regularization") == Path("reports/study.md")
+    assert study.default_out("study", "finetune") == Path("reports/study-finetune.md")
+    assert study.default_out("quick", "regularization") == Path("reports/quick.md")
