@@ -33,7 +33,7 @@ PREVIEW = Path("reports/augment_preview.png")
 def main() -> None:
     params = P.load()
     tracking.check_reachable(tracking.tracking_uri(params.mlflow))  # before any work, not after it
-    torch.set_num_threads(models.cpu_threads())
+    torch.set_num_threads(models.cpu_threads(tracking.repo_root()))
     checkpoint = sio.load_torch(MODEL)
     trained_with = P.parse(checkpoint["params"])
     classes = checkpoint["classes"]

@@ -194,7 +194,7 @@ def channel_mean_std(images: torch.Tensor, chunk: int = 10_000):
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def cpu_threads() -> int:
+def cpu_threads(repo_root: Path) -> int:
     """The cores this process may use, shared among DVC's running queue workers.
 
     `dvc queue start -j N` runs N experiments at once; N processes that each use every core
@@ -204,8 +204,7 @@ def cpu_threads() -> int:
     """
     cores = len(os.sched_getaffinity(0))
     workers = 0
-    root = Path(os.environ.get("DVC_ROOT") or ".")  # a queued run works in a temporary copy
-    for pid_file in (root / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"):
+    for pid_file in (repo_root / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"):
         try:
             os.kill(int(pid_file.read_text().strip()), 0)
             workers += 1

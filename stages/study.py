@@ -136,20 +136,13 @@ def queue(rows, seeds, source, sha256, grid: str = "regularization", extra: dict
 WORKERS = Path(".dvc/tmp/exps/celery")  # where DVC's queue workers write their logs
 
 
-def start_queue(jobs: int, repo: Path = Path(".")) -> None:
-    """`dvc queue start -j jobs`; report_dead_workers says afterwards if a worker died starting.
-
-    Workers that start together can race on the file-based message broker of DVC's queue
+def report_dead_workers() -> None:
+    """Workers that start together can race on the file-based message broker of DVC's queue
     (kombu's filesystem transport): one reads an exchange file while the other writes it, and
     dies at start with JSONDecodeError (treeverse/dvc-task#73). The queue still completes on the
-    other workers, only less in parallel. Starting them one by one doesn't help: a second
-    `dvc queue start` doesn't see a busy worker and starts another worker 1, or waits for it.
-    """
-    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, check=True)
-
-
-def report_dead_workers(repo: Path = Path(".")) -> None:
-    for n in workers_that_died_starting(repo):
+    other workers, only less in parallel. (Starting them one by one doesn't help: a second
+    `dvc queue start` doesn't see a busy worker, and starts another worker 1 or waits for it.)"""
+    for n in workers_that_died_starting():
         print(f"study: DVC queue worker {n} died at start (a known DVC race, treeverse/dvc-task#73); "
               "the other workers ran its share", flush=True)
 
@@ -164,15 +157,12 @@ def workers_that_died_starting(repo: Path = Path(".")) -> list[int]:
     return died
 
 
-def wait_for_queue(poll_seconds: float = 10, repo: Path = Path("."), max_failures: int = 5,
-                   timeout: float | None = None) -> None:
+def wait_for_queue(poll_seconds: float = 10, max_failures: int = 5) -> None:
     """Until nothing is queued or running. `dvc queue status` itself can fail now and then (the
     same broker race); a few failures in a row are retried, more are an error."""
-    failures, deadline = 0, time.time() + (timeout or float("inf"))
+    failures = 0
     while True:
-        if time.time() > deadline:
-            raise TimeoutError(f"the DVC queue was not done within {timeout:.0f} s")
-        status = subprocess.run(["dvc", "queue", "status"], cwd=repo, capture_output=True, text=True)
+        status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True)
         if status.returncode != 0:
             failures += 1
             if failures >= max_failures:
@@ -275,7 +265,7 @@ def main() -> None:
     table_rows, table_seeds = rows, seeds
     if args.command == "run":
         queue(rows, seeds, args.source, args.sha256, args.grid, extra, args.prefix)
-        start_queue(args.jobs)
+        subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True)
         wait_for_queue()
         report_dead_workers()
         # The table of the whole grid as MLflow knows it: a run of a few rows or seeds adds to

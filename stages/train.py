@@ -61,7 +61,7 @@ def main() -> None:
     device = resolve_device(params.train.device)
     rank, world = start_distributed(device)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.type == "cuda" else device
-    torch.set_num_threads(params.train.threads or models.cpu_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) or 1)
+    torch.set_num_threads(params.train.threads or models.cpu_threads(tracking.repo_root()) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) or 1)
     torch.manual_seed(params.seed)
 
     train_x, train_y = load_split(PREPARED, "train")
