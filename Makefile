@@ -1,6 +1,7 @@
 # make install: .venv with everything pinned in requirements.lock (idempotent)
 # make run:     install, then the whole pipeline (dvc repro)
 # make test:    install, then the test suite
+# make lint:    ruff's linter and formatter check (pinned in requirements.lock); make format fixes
 # make bench:   epoch speed of the source's loop, the pipeline and pure compute
 # make preset:  a named set of params as one DVC experiment (make preset PRESET=fast-gpu)
 # make study:   the regularization study as queued DVC experiments, then its table
@@ -15,7 +16,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # No network access but the data download: no usage telemetry from MLflow.
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install run test study bench preset lock clean-venv train-ddp mlflow-server
+.PHONY: install run test lint format study bench preset lock clean-venv train-ddp mlflow-server
 
 install: $(STAMP)
 
@@ -30,13 +31,21 @@ run: install
 test: install
 	$(PYTHON) -m pytest
 
+lint: install
+	ruff check .
+	ruff format --check .
+
+format: install
+	ruff check --fix .
+	ruff format .
+
 STUDY_ARGS ?=
 study: install
-	python -m stages.study run $(STUDY_ARGS)
+	python -m stages.experiments.study run $(STUDY_ARGS)
 
 PRESET ?= fast-gpu
 preset: install
-	python -m stages.preset $(PRESET)
+	python -m stages.experiments.preset $(PRESET)
 
 # Distributed data-parallel training of the prepared data (after `make run` or `dvc repro augment`).
 # Through DVC instead: dvc exp run -S train.nproc=2
@@ -48,7 +57,7 @@ train-ddp: install
 # make mlflow-server SERVER_ARGS="--auth --host 0.0.0.0 --allowed-hosts mlflow.example.com"
 SERVER_ARGS ?=
 mlflow-server: install
-	python -m stages.server $(SERVER_ARGS)
+	python -m stages.tracking.server $(SERVER_ARGS)
 
 # Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md})
 bench: install

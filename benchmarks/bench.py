@@ -43,8 +43,9 @@ from torchvision import transforms
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages import models, params as P, train  # noqa: E402
+from stages import params as P, train  # noqa: E402
 from stages.data import Policy, augment, epoch_generator, to_float  # noqa: E402
+from stages.networks import small  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 BATCH = 100
@@ -74,23 +75,32 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
         from stages.download import read_image_folder
 
         arrays, _ = read_image_folder(SHARED, 32)
-        return (torch.from_numpy(arrays["train_images"]), torch.from_numpy(arrays["train_labels"]),
-                str(SHARED))
+        return (
+            torch.from_numpy(arrays["train_images"]),
+            torch.from_numpy(arrays["train_labels"]),
+            str(SHARED),
+        )
     g = torch.Generator().manual_seed(0)
-    return (torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, generator=g),
-            torch.randint(0, 10, (50_000,), generator=g), "synthetic (random pixels)")
+    return (
+        torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (50_000,), generator=g),
+        "synthetic (random pixels)",
+    )
 
 
 def fresh_model_and_optimizer():
     torch.manual_seed(0)
-    model = models.Net(10)
+    model = small.Net(10)
     return model, torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
 
 
 def time_source_loop(images, labels, aug: bool) -> float:
     steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if aug else []
-    dataset = SourceDataset(images.permute(0, 2, 3, 1).contiguous().numpy(), labels.numpy(),
-                            transforms.Compose(steps + [transforms.ToTensor()]))
+    dataset = SourceDataset(
+        images.permute(0, 2, 3, 1).contiguous().numpy(),
+        labels.numpy(),
+        transforms.Compose(steps + [transforms.ToTensor()]),
+    )
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
     model, optimizer = fresh_model_and_optimizer()
     criterion = torch.nn.CrossEntropyLoss()
@@ -112,8 +122,18 @@ def time_pipeline(images, labels, aug: bool, epoch: int) -> float:
     loss_fn = train.make_loss(params, model, None)
     policy = Policy(flip=True, crop_padding=4) if aug else Policy()
     start = time.perf_counter()
-    train.train_one_epoch(model, images, labels, optimizer, scheduler, loss_fn, BATCH, policy,
-                          None, epoch_generator(0, epoch))
+    train.train_one_epoch(
+        model,
+        images,
+        labels,
+        optimizer,
+        scheduler,
+        loss_fn,
+        BATCH,
+        policy,
+        None,
+        epoch_generator(0, epoch),
+    )
     return time.perf_counter() - start
 
 
@@ -121,8 +141,10 @@ def premade_batches(images, labels, aug: bool):
     if aug:
         images = augment(images, Policy(flip=True, crop_padding=4), epoch_generator(0, 99))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
-    return [(to_float(images[order[i:i + BATCH]]), labels[order[i:i + BATCH]])
-            for i in range(0, len(images), BATCH)]
+    return [
+        (to_float(images[order[i : i + BATCH]]), labels[order[i : i + BATCH]])
+        for i in range(0, len(images), BATCH)
+    ]
 
 
 def time_compute(batches) -> float:
@@ -138,18 +160,30 @@ def time_compute(batches) -> float:
 
 def time_mlflow_logging(repeats: int = 20) -> float:
     """Seconds to log one epoch's metrics (what train logs per epoch) to a fresh SQLite store."""
-    from stages import tracking  # sets MLflow's environment first
     import mlflow
+
+    from stages.tracking import runs  # sets MLflow's environment first
 
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
         with mlflow.start_run():
-            row = {k: 0.5 for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                                    "train_batch_loss", "epoch_seconds", "gap", "lr")}
+            row = {
+                k: 0.5
+                for k in (
+                    "train_loss",
+                    "train_accuracy",
+                    "val_loss",
+                    "val_accuracy",
+                    "train_batch_loss",
+                    "epoch_seconds",
+                    "gap",
+                    "lr",
+                )
+            }
             times = []
             for step in range(repeats):
                 start = time.perf_counter()
-                tracking.log_metrics(row, step=step)
+                runs.log_metrics(row, step=step)
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -177,7 +211,7 @@ def time_noop_repro(repeats: int = 3) -> float:
         repo = copy_repo(Path(tmp) / "repo")
         archive = make_cifar_pickle_archive(Path(tmp) / "tiny.tar.gz")
         write_params(repo, **{**TINY, "data.source": str(archive)})
-        run = lambda *cmd: subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)  # noqa: E731
+        run = lambda *cmd: subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
         run("git", "init", "-q")
         run("dvc", "repro")
         times = []
@@ -189,39 +223,65 @@ def time_noop_repro(repeats: int = 3) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--images", type=int, default=50_000, help="epoch size (fewer for a smoke test)")
+    parser.add_argument(
+        "--images", type=int, default=50_000, help="epoch size (fewer for a smoke test)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "benchmark.json")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
 
     images, labels, source = load_data()
-    images, labels = images[:args.images].contiguous(), labels[:args.images].contiguous()
+    images, labels = images[: args.images].contiguous(), labels[: args.images].contiguous()
     n = len(images)
     print(f"data: {n} images from {source}; {torch.get_num_threads()} threads", flush=True)
-    batches = {False: premade_batches(images, labels, False), True: premade_batches(images, labels, True)}
+    batches = {
+        False: premade_batches(images, labels, False),
+        True: premade_batches(images, labels, True),
+    }
 
-    seconds: dict[str, list[float]] = {k: [] for k in (
-        "source_loop", "pipeline", "compute_limit", "source_loop_aug", "pipeline_aug", "compute_limit_aug")}
+    seconds: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "source_loop",
+            "pipeline",
+            "compute_limit",
+            "source_loop_aug",
+            "pipeline_aug",
+            "compute_limit_aug",
+        )
+    }
     for rep in range(args.repeats):
         for aug in (False, True):
             suffix = "_aug" if aug else ""
             seconds["source_loop" + suffix].append(time_source_loop(images, labels, aug))
             seconds["pipeline" + suffix].append(time_pipeline(images, labels, aug, epoch=rep + 1))
             seconds["compute_limit" + suffix].append(time_compute(batches[aug]))
-        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()),
-              flush=True)
+        print(
+            f"repeat {rep + 1}/{args.repeats}: "
+            + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()),
+            flush=True,
+        )
 
     result = {k: n / statistics.median(v) for k, v in seconds.items()}  # images per second
     result["seconds_per_epoch"] = {k: statistics.median(v) for k, v in seconds.items()}
     result["mlflow_log_seconds_per_epoch"] = time_mlflow_logging()
     result["stage_startup_seconds"] = time_startups()
     result["noop_dvc_repro_seconds"] = time_noop_repro()
-    result["setup"] = {"images": n, "data": source, "model": "net", "batch_size": BATCH,
-                       "repeats": args.repeats, "threads": torch.get_num_threads(),
-                       "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "torch": torch.__version__}
+    result["setup"] = {
+        "images": n,
+        "data": source,
+        "model": "net",
+        "batch_size": BATCH,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
@@ -231,21 +291,30 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     limit = r["compute_limit"]
-    rows = [("source_loop", "the source's loop (DataLoader, per-sample PIL → ToTensor)"),
-            ("pipeline", "the pipeline's epoch (in-memory uint8 tensors)"),
-            ("compute_limit", "forward + backward + step on pre-made batches"),
-            ("source_loop_aug", "source loop + per-sample RandomCrop(pad 4) + RandomHorizontalFlip"),
-            ("pipeline_aug", "pipeline + batched crop (pad 4) + flip"),
-            ("compute_limit_aug", "pre-made batches of augmented images")]
-    lines = ["| variant | what | images/s | s/epoch | × source loop | × compute limit |",
-             "|---|---|---|---|---|---|"]
+    rows = [
+        ("source_loop", "the source's loop (DataLoader, per-sample PIL → ToTensor)"),
+        ("pipeline", "the pipeline's epoch (in-memory uint8 tensors)"),
+        ("compute_limit", "forward + backward + step on pre-made batches"),
+        ("source_loop_aug", "source loop + per-sample RandomCrop(pad 4) + RandomHorizontalFlip"),
+        ("pipeline_aug", "pipeline + batched crop (pad 4) + flip"),
+        ("compute_limit_aug", "pre-made batches of augmented images"),
+    ]
+    lines = [
+        "| variant | what | images/s | s/epoch | × source loop | × compute limit |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, what in rows:
         base = r["source_loop_aug" if key.endswith("_aug") else "source_loop"]
-        lines.append(f"| `{key}` | {what} | {r[key]:,.0f} | {r['seconds_per_epoch'][key]:.2f} | "
-                     f"{r[key] / base:.2f} | {r[key] / limit:.2f} |")
+        lines.append(
+            f"| `{key}` | {what} | {r[key]:,.0f} | {r['seconds_per_epoch'][key]:.2f} | "
+            f"{r[key] / base:.2f} | {r[key] / limit:.2f} |"
+        )
     startup = ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_startup_seconds"].items())
-    lines += ["", f"MLflow logging per epoch: {1000 * r['mlflow_log_seconds_per_epoch']:.1f} ms. "
-              f"Stage start-up (import): {startup}. No-op `dvc repro`: {r['noop_dvc_repro_seconds']:.1f} s."]
+    lines += [
+        "",
+        f"MLflow logging per epoch: {1000 * r['mlflow_log_seconds_per_epoch']:.1f} ms. "
+        f"Stage start-up (import): {startup}. No-op `dvc repro`: {r['noop_dvc_repro_seconds']:.1f} s.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BATCH, REPO, load_data  # noqa: E402
+from bench import BATCH, REPO, load_data
 
-from stages import models, params as P, train  # noqa: E402
-from stages.data import Policy, epoch_generator  # noqa: E402
+from stages import params as P, train
+from stages.data import Policy, epoch_generator
+from stages.networks import small
 
 
 def epoch_seconds(model, forward, images, labels, epoch: int) -> float:
@@ -31,8 +32,18 @@ def epoch_seconds(model, forward, images, labels, epoch: int) -> float:
     scheduler = train.make_scheduler(params, optimizer, len(images) // BATCH)
     loss_fn = train.make_loss(params, model, None)
     start = time.perf_counter()
-    train.train_one_epoch(forward, images, labels, optimizer, scheduler, loss_fn, BATCH, Policy(),
-                          None, epoch_generator(0, epoch))
+    train.train_one_epoch(
+        forward,
+        images,
+        labels,
+        optimizer,
+        scheduler,
+        loss_fn,
+        BATCH,
+        Policy(),
+        None,
+        epoch_generator(0, epoch),
+    )
     return time.perf_counter() - start
 
 
@@ -44,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     images, labels, source = load_data()
     torch.manual_seed(0)
-    eager, compiled_model = models.Net(10), models.Net(10)
+    eager, compiled_model = small.Net(10), small.Net(10)
     compiled = torch.compile(compiled_model)
     start = time.perf_counter()
     epoch_seconds(compiled_model, compiled, images, labels, 0)  # compiles
@@ -53,11 +64,18 @@ def main() -> None:
     for rep in range(1, args.repeats + 1):
         seconds["eager"].append(epoch_seconds(eager, eager, images, labels, rep))
         seconds["compiled"].append(epoch_seconds(compiled_model, compiled, images, labels, rep))
-        print(f"repeat {rep}: eager {seconds['eager'][-1]:.2f} s, compiled {seconds['compiled'][-1]:.2f} s",
-              flush=True)
+        print(
+            f"repeat {rep}: eager {seconds['eager'][-1]:.2f} s, compiled {seconds['compiled'][-1]:.2f} s",
+            flush=True,
+        )
     result = {k: statistics.median(v) for k, v in seconds.items()}
-    result.update(first_compiled_epoch_seconds=warmup, images=len(images), data=source,
-                  threads=torch.get_num_threads(), torch=torch.__version__)
+    result.update(
+        first_compiled_epoch_seconds=warmup,
+        images=len(images),
+        data=source,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -70,11 +70,15 @@ def main() -> None:
             with torch.no_grad():
                 accuracies.append((model(test_x).argmax(1) == test_y).float().mean().item())
         final.append(accuracies[-1])
-        print(f"seed {seed}: test accuracy by epoch " + " ".join(f"{a:.3f}" for a in accuracies),
-              flush=True)
+        print(
+            f"seed {seed}: test accuracy by epoch " + " ".join(f"{a:.3f}" for a in accuracies),
+            flush=True,
+        )
     if len(final) > 1:
-        print(f"last epoch, {len(final)} seeds: mean {100 * statistics.mean(final):.1f}%, "
-              f"std {100 * statistics.stdev(final):.1f}, range {100 * min(final):.1f}–{100 * max(final):.1f}%")
+        print(
+            f"last epoch, {len(final)} seeds: mean {100 * statistics.mean(final):.1f}%, "
+            f"std {100 * statistics.stdev(final):.1f}, range {100 * min(final):.1f}–{100 * max(final):.1f}%"
+        )
 
 
 if __name__ == "__main__":

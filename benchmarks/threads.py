@@ -24,14 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = """
 import sys, time, torch
 sys.path.insert(0, {repo!r})
-from stages import models, params as P, train
+from stages import params as P, train
 from stages.data import Policy, epoch_generator
+from stages.networks import small
 torch.set_num_threads({threads})
 torch.manual_seed(0)
 g = torch.Generator().manual_seed(0)
 images = torch.randint(0, 256, ({images}, 3, 32, 32), dtype=torch.uint8, generator=g)
 labels = torch.randint(0, 10, ({images},), generator=g)
-model = models.Net(10)
+model = small.Net(10)
 p = P.Train(lr=0.001, momentum=0.9)
 opt = train.make_optimizer(p, model)
 sched = train.make_scheduler(p, opt, {images} // 100)
@@ -46,23 +47,33 @@ print(time.perf_counter() - start)
 def run(processes: int, threads: int, images: int, epochs: int) -> float:
     """Combined images per second of `processes` trainings started together."""
     code = WORKER.format(repo=str(REPO), threads=threads, images=images, epochs=epochs)
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-             for _ in range(processes)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
     seconds = [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     return processes * images * epochs / max(seconds)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "threads.json")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     n = max(2, cores)
-    cases = [("1 process, all cores", 1, cores),
-             (f"{n} processes, all cores each (oversubscribed)", n, cores),
-             (f"{n} processes, {max(1, cores // n)} thread(s) each (the pipeline's choice)", n, max(1, cores // n))]
+    cases = [
+        ("1 process, all cores", 1, cores),
+        (f"{n} processes, all cores each (oversubscribed)", n, cores),
+        (
+            f"{n} processes, {max(1, cores // n)} thread(s) each (the pipeline's choice)",
+            n,
+            max(1, cores // n),
+        ),
+    ]
     result = {}
     for name, processes, threads in cases:
         time.sleep(1)

@@ -1,1 +1,3 @@
-"""The pipeline's stages (download, augment, train, evaluate) and the modules they share."""
+"""The pipeline: five DVC stages (check, download, augment, train, evaluate), the basics they
+share (params, io, errors, runtime, data, regularize), and the rooms networks/, tracking/ and
+experiments/."""

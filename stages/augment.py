@@ -41,7 +41,8 @@ def main() -> None:
             raise StageError(
                 f"data.train_size = {params.data.train_size} is larger than the training set "
                 f"({len(train_idx)} images after holding out data.val_fraction = "
-                f"{params.data.val_fraction} for validation)")
+                f"{params.data.val_fraction} for validation)"
+            )
         train_idx = stratified_subset(labels, train_idx, params.data.train_size, params.seed)
     if params.data.imbalance_ratio > 1:
         train_idx = long_tailed(labels, train_idx, params.data.imbalance_ratio, params.seed)
@@ -58,18 +59,23 @@ def main() -> None:
     sio.save_array(OUT / "train_labels.npy", train_y)
     sio.save_array(OUT / "val_images.npy", images[val_idx])
     sio.save_array(OUT / "val_labels.npy", labels[val_idx])
-    sio.write_json(OUT / "meta.json", {
-        "classes": classes,
-        "source_sha256": raw_meta["sha256"],
-        "train_count": int(len(train_y)),
-        "train_originals": int(len(train_idx)),
-        "val_count": int(len(val_idx)),
-        "train_per_class": np.bincount(train_y, minlength=len(classes)).tolist(),
-        "val_per_class": np.bincount(labels[val_idx], minlength=len(classes)).tolist(),
-    })
+    sio.write_json(
+        OUT / "meta.json",
+        {
+            "classes": classes,
+            "source_sha256": raw_meta["sha256"],
+            "train_count": len(train_y),
+            "train_originals": len(train_idx),
+            "val_count": len(val_idx),
+            "train_per_class": np.bincount(train_y, minlength=len(classes)).tolist(),
+            "val_per_class": np.bincount(labels[val_idx], minlength=len(classes)).tolist(),
+        },
+    )
     save_preview(images[train_idx[:8]], policy, params.seed)
-    print(f"augment: {len(train_y)} training images ({len(train_idx)} originals, "
-          f"{params.augment.copies} augmented copies each), {len(val_idx)} validation images")
+    print(
+        f"augment: {len(train_y)} training images ({len(train_idx)} originals, "
+        f"{params.augment.copies} augmented copies each), {len(val_idx)} validation images"
+    )
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int):
@@ -92,7 +98,9 @@ def stratified_subset(labels: np.ndarray, indices: np.ndarray, size: int, seed: 
     quota = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - quota), kind="stable")[: size - quota.sum()]:
         quota[i] += 1
-    chosen = [rng.permutation(indices[labels[indices] == cls])[:q] for cls, q in zip(classes, quota)]
+    chosen = [
+        rng.permutation(indices[labels[indices] == cls])[:q] for cls, q in zip(classes, quota)
+    ]
     return np.sort(np.concatenate(chosen))
 
 
@@ -117,9 +125,12 @@ def save_preview(originals: np.ndarray, policy: Policy, seed: int) -> None:
 
     versions = 4
     x = torch.from_numpy(originals)
-    augmented = [augment(x, policy, epoch_generator(seed, 0, stream=2000 + v)) for v in range(versions)]
-    fig, axes = plt.subplots(len(x), versions + 1, figsize=(1.3 * (versions + 1), 1.3 * len(x)),
-                             squeeze=False)
+    augmented = [
+        augment(x, policy, epoch_generator(seed, 0, stream=2000 + v)) for v in range(versions)
+    ]
+    fig, axes = plt.subplots(
+        len(x), versions + 1, figsize=(1.3 * (versions + 1), 1.3 * len(x)), squeeze=False
+    )
     for row in range(len(x)):
         for col, batch in enumerate([x] + augmented):
             ax = axes[row][col]

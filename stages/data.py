@@ -44,10 +44,14 @@ class Policy:
     erasing: float = 0.0  # probability of erasing one random rectangle per image
 
     @classmethod
-    def from_params(cls, augment) -> "Policy":
-        return cls(flip=augment.flip, crop_padding=augment.crop_padding,
-                   trivial_augment=augment.trivial_augment, color_jitter=augment.color_jitter,
-                   erasing=augment.erasing)
+    def from_params(cls, augment) -> Policy:
+        return cls(
+            flip=augment.flip,
+            crop_padding=augment.crop_padding,
+            trivial_augment=augment.trivial_augment,
+            color_jitter=augment.color_jitter,
+            erasing=augment.erasing,
+        )
 
     @property
     def active(self) -> bool:
@@ -76,8 +80,10 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
     # Gather rows first, then columns: two cheap index_select-like gathers instead of 81 slices.
-    arange = lambda k: torch.arange(k, device=images.device)  # noqa: E731
-    rows = (dy[:, None] + arange(h))[:, None, :, None].expand(n, padded.shape[1], h, padded.shape[3])
+    arange = lambda k: torch.arange(k, device=images.device)
+    rows = (dy[:, None] + arange(h))[:, None, :, None].expand(
+        n, padded.shape[1], h, padded.shape[3]
+    )
     out = padded.gather(2, rows)
     cols = (dx[:, None] + arange(w))[:, None, None, :].expand(n, padded.shape[1], h, w)
     return out.gather(3, cols)
@@ -113,7 +119,8 @@ def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.T
         if signed and key % 2:
             magnitude = -magnitude
         out[which] = ta._apply_image_or_video_transform(
-            images[which], name, magnitude, interpolation=ta.interpolation, fill=ta._fill)
+            images[which], name, magnitude, interpolation=ta.interpolation, fill=ta._fill
+        )
     return out
 
 

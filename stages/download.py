@@ -40,8 +40,8 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 from urllib.parse import urlparse
 
 import numpy as np
@@ -49,6 +49,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stages import errors, io as sio, params as P
 from stages.errors import StageError
+from stages.runtime import repo_root
 
 OUT = Path("data/raw")
 DOWNLOADS = Path("data/downloads")  # fetched archives; kept across runs, not a DVC output
@@ -93,18 +94,23 @@ def main() -> None:
     for split in SPLITS:
         sio.save_array(OUT / f"{split}_images.npy", arrays[f"{split}_images"])
         sio.save_array(OUT / f"{split}_labels.npy", arrays[f"{split}_labels"])
-    sio.write_json(OUT / "meta.json", {
-        "source": data.source,
-        "format": fmt,
-        "sha256": sha256,  # always recorded (a tree hash for a folder), so it can be pinned later
-        "md5": official_md5,
-        "classes": classes,
-        "image_size": data.image_size,
-        "train_count": int(len(arrays["train_labels"])),
-        "test_count": int(len(arrays["test_labels"])),
-    })
-    print(f"download: {len(arrays['train_labels'])} train + {len(arrays['test_labels'])} test "
-          f"images, {len(classes)} classes, {fmt}, sha256 {sha256}")
+    sio.write_json(
+        OUT / "meta.json",
+        {
+            "source": data.source,
+            "format": fmt,
+            "sha256": sha256,  # always recorded (a tree hash for a folder), so it can be pinned later
+            "md5": official_md5,
+            "classes": classes,
+            "image_size": data.image_size,
+            "train_count": len(arrays["train_labels"]),
+            "test_count": len(arrays["test_labels"]),
+        },
+    )
+    print(
+        f"download: {len(arrays['train_labels'])} train + {len(arrays['test_labels'])} test "
+        f"images, {len(classes)} classes, {fmt}, sha256 {sha256}"
+    )
 
 
 def tree_sha256(folder: Path) -> str:
@@ -123,6 +129,7 @@ def tree_sha256(folder: Path) -> str:
 
 
 # --- where the bytes come from ------------------------------------------------------------------
+
 
 def fetch(source: str) -> tuple[Path, str | None]:
     """Return a local file or folder for the source, and the MD5 it was verified against."""
@@ -144,10 +151,12 @@ def fetch(source: str) -> tuple[Path, str | None]:
     elif scheme == "":
         # Relative to the repository root: a queued `dvc exp run` works in a temporary copy under
         # .dvc/tmp/exps, where DVC_ROOT still names the repository the user typed the path in.
-        path = Path(os.environ.get("DVC_ROOT", ".")) / Path(source).expanduser()
+        path = repo_root() / Path(source).expanduser()
     else:
-        raise StageError(f"data.source = {source!r}: unknown scheme '{scheme}' "
-                         "(allowed: cifar10, cifar100, a path, file://, http://, https://)")
+        raise StageError(
+            f"data.source = {source!r}: unknown scheme '{scheme}' "
+            "(allowed: cifar10, cifar100, a path, file://, http://, https://)"
+        )
     if not path.exists():
         raise StageError(f"data.source = {source!r}: {path} does not exist")
     return path, None
@@ -218,7 +227,8 @@ def _stream(url: str, part: Path) -> None:
             received += len(chunk)
     if declared is not None and received < declared:
         raise urllib.error.ContentTooShortError(
-            f"the server sent {received} of {declared} bytes, then closed the connection", None)
+            f"the server sent {received} of {declared} bytes, then closed the connection", None
+        )
 
 
 def _download_official(url: str, part: Path, md5: str) -> None:
@@ -249,8 +259,9 @@ def _transient(exc: BaseException) -> bool:
     """Worth another try: a server error or a broken transfer. Not: no network, no such file."""
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code == 429 or exc.code >= 500
-    if isinstance(exc, (_CorruptDownload, urllib.error.ContentTooShortError,
-                        http.client.IncompleteRead)):
+    if isinstance(
+        exc, (_CorruptDownload, urllib.error.ContentTooShortError, http.client.IncompleteRead)
+    ):
         return True
     reason = getattr(exc, "reason", exc)
     return isinstance(reason, (TimeoutError, ConnectionResetError, http.client.IncompleteRead))
@@ -264,8 +275,10 @@ def _reason(exc: BaseException) -> str:
 
 def _failure(url: str, md5: str | None, exc: BaseException) -> StageError:
     if isinstance(exc, _CorruptDownload):
-        return StageError(f"{url}: the download does not match its published MD5 {md5} "
-                          f"(tried {RETRIES} times); nothing was kept")
+        return StageError(
+            f"{url}: the download does not match its published MD5 {md5} "
+            f"(tried {RETRIES} times); nothing was kept"
+        )
     return StageError(
         f"could not download {url} ({_reason(exc)}). Without internet, set data.source to a local "
         "archive or folder, e.g. dvc exp run -S data.source=/path/to/cifar10-jpg.tar.gz "
@@ -274,6 +287,7 @@ def _failure(url: str, md5: str | None, exc: BaseException) -> StageError:
 
 
 # --- archives, read member by member --------------------------------------------------------------
+
 
 def _is_tar(path: Path) -> bool:
     try:
@@ -286,13 +300,15 @@ def _looks_like_archive(path: Path) -> bool:
     """Zip or gzip magic bytes, or an archive's file name: unreadable, it must be damaged."""
     with open(path, "rb") as f:
         magic = f.read(2)
-    return (magic in (b"PK", b"\x1f\x8b")
-            or path.name.lower().endswith((".zip", ".tar.gz", ".tgz", ".tar")))
+    return magic in (b"PK", b"\x1f\x8b") or path.name.lower().endswith(
+        (".zip", ".tar.gz", ".tgz", ".tar")
+    )
 
 
 def _link_refused(archive: Path, name: str) -> StageError:
-    return StageError(f"{archive}: member '{name}' is a link; "
-                      "links are refused (they can point outside the data)")
+    return StageError(
+        f"{archive}: member '{name}' is a link; links are refused (they can point outside the data)"
+    )
 
 
 def iter_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
@@ -342,8 +358,10 @@ def _folder_entries(folder: Path) -> Iterator[tuple[str, Path]]:
     """
     for name, entry in sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*")):
         if entry.is_symlink():
-            raise StageError(f"{folder}: '{name}' is a symbolic link; "
-                             "links are refused (they can point outside the data)")
+            raise StageError(
+                f"{folder}: '{name}' is a symbolic link; "
+                "links are refused (they can point outside the data)"
+            )
         yield name, entry
 
 
@@ -355,8 +373,11 @@ def _check_member_name(archive: Path, name: str) -> None:
 
 # --- the CIFAR python-pickle layout -------------------------------------------------------------
 
-CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
-                 "meta": "batches.meta"}
+CIFAR10_FILES = {
+    "train": [f"data_batch_{i}" for i in range(1, 6)],
+    "test": ["test_batch"],
+    "meta": "batches.meta",
+}
 CIFAR100_FILES = {"train": ["train"], "test": ["test"], "meta": "meta"}
 
 
@@ -373,10 +394,14 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays; refuses every other global (no code runs)."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),
     }
 
@@ -389,7 +414,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 def _unpickle(archive: Path, name: str, data: bytes) -> dict:
     try:
         obj = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as exc:  # noqa: BLE001 - any failure here means a bad batch file
+    except Exception as exc:
         raise StageError(f"{archive}: cannot read CIFAR batch '{name}' ({exc})") from None
     if not isinstance(obj, dict):
         raise StageError(f"{archive}: CIFAR batch '{name}' is not a dict")
@@ -433,13 +458,17 @@ def _check_official_batches(path: Path, members: dict, cifar100: bool) -> None:
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
-    out = [np.asarray(Image.fromarray(im.transpose(1, 2, 0)).resize((size, size),
-                                                                    Image.Resampling.BILINEAR))
-           for im in images]
+    out = [
+        np.asarray(
+            Image.fromarray(im.transpose(1, 2, 0)).resize((size, size), Image.Resampling.BILINEAR)
+        )
+        for im in images
+    ]
     return np.stack(out).transpose(0, 3, 1, 2).copy()
 
 
 # --- the image-folder layout --------------------------------------------------------------------
+
 
 def read_image_folder(path: Path, image_size: int):
     """train/<class>/<file> and test/<class>/<file>, at any depth below the archive's root."""
@@ -459,8 +488,10 @@ def read_image_folder(path: Path, image_size: int):
 
     for split in SPLITS:
         if not found[split]:
-            raise StageError(f"{path}: no {split}/<class>/<image> files found "
-                             "(expected train/<class>/* and test/<class>/*)")
+            raise StageError(
+                f"{path}: no {split}/<class>/<image> files found "
+                "(expected train/<class>/* and test/<class>/*)"
+            )
     for split in SPLITS:
         empty = sorted(cls for cls, files in found[split].items() if not files)
         if empty:
@@ -469,8 +500,10 @@ def read_image_folder(path: Path, image_size: int):
     missing = sorted(set(classes) - set(found["test"]))
     extra = sorted(set(found["test"]) - set(classes))
     if missing or extra:
-        raise StageError(f"{path}: train/ and test/ differ in classes "
-                         f"(missing in test/: {missing or 'none'}; only in test/: {extra or 'none'})")
+        raise StageError(
+            f"{path}: train/ and test/ differ in classes "
+            f"(missing in test/: {missing or 'none'}; only in test/: {extra or 'none'})"
+        )
 
     arrays = {}
     for split in SPLITS:

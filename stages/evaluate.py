@@ -16,8 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages import errors, io as sio, models, params as P, tasks, tracking
+from stages import errors, io as sio, params as P
 from stages.data import load_split
+from stages.networks import predict, tasks
+from stages.networks.build import build_model
+from stages.runtime import cpu_threads
+from stages.tracking import runs, store
 
 RAW = Path("data/raw")
 MODEL = Path("models/model.pt")
@@ -32,30 +36,58 @@ PREVIEW = Path("reports/augment_preview.png")
 
 def main() -> None:
     params = P.load()
-    tracking.check_reachable(tracking.tracking_uri(params.mlflow))  # before any work, not after it
-    torch.set_num_threads(models.cpu_threads(tracking.repo_root()))
-    checkpoint = sio.load_torch(MODEL)
+    store.check_reachable(store.tracking_uri(params.mlflow))  # before any work, not after it
+    torch.set_num_threads(cpu_threads())
+    test_x, test_y = load_split(RAW, "test")
+    model, trained_with, classes = load_model(MODEL, image_size=test_x.shape[-1])
+    metrics, matrix, predicted = test(model, trained_with, classes, test_x, test_y, params.evaluate)
+    write_outputs(metrics, matrix, classes, test_y, predicted)
+    log_to_run(metrics, classes, params.mlflow)
+    print(
+        f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "
+        f"gap {metrics['generalization_gap']:+.4f}: {metrics['verdict']}"
+    )
+
+
+def load_model(path: Path, image_size: int):
+    """The trained model, the params it was trained with, and its classes."""
+    checkpoint = sio.load_torch(path)
     trained_with = P.parse(checkpoint["params"])
     classes = checkpoint["classes"]
-    test_x, test_y = load_split(RAW, "test")
-    model = models.build(trained_with, len(classes), image_size=test_x.shape[-1])
+    model = build_model(trained_with, len(classes), image_size=image_size)
     model.load_state_dict(checkpoint["state_dict"])
+    return model, trained_with, classes
 
+
+def test(
+    model,
+    trained_with: P.Params,
+    classes: list[str],
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    thresholds: P.Evaluate,
+):
+    """metrics/eval.json's content, the confusion matrix and the predicted classes."""
     multitask = isinstance(model, tasks.MultiTask)
-    outputs = models.predict(model, test_x, all_tasks=multitask)  # every head in one pass
+    outputs = predict.predict(model, test_x, all_tasks=multitask)  # every head in one pass
     logits = outputs["main"] if multitask else outputs
-    test_loss, test_accuracy = models.loss_and_accuracy(logits, test_y)
+    test_loss, test_accuracy = predict.loss_and_accuracy(logits, test_y)
     aux = {}  # a multi-task model's test_<task>_loss and test_<task>_accuracy
     if multitask:
-        measured = models.measure(model, test_x, test_y, "test",
-                                  tasks.coarse_mapping_if_on(trained_with.tasks, classes), outputs)
+        measured = predict.measure(
+            model,
+            test_x,
+            test_y,
+            "test",
+            tasks.coarse_mapping_if_on(trained_with.tasks, classes),
+            outputs,
+        )
         aux = {k: v for k, v in measured.items() if k not in ("test_loss", "test_accuracy")}
     predicted = logits.argmax(1)
     matrix = confusion_matrix(test_y, predicted, len(classes))
     per_class = (matrix.diagonal() / matrix.sum(1).clip(min=1)).tolist()
     trained = sio.read_json(TRAIN_METRICS)
     gap = trained["train_accuracy"] - test_accuracy
-
     metrics = {
         "test_accuracy": test_accuracy,
         "test_loss": test_loss,
@@ -64,24 +96,51 @@ def main() -> None:
         "per_class_accuracy": dict(zip(classes, per_class)),
         "best_epoch": trained["best_epoch"],
         "overfitting_epoch": overfitting_epoch(read_curves(CURVES)),
-        "verdict": verdict(trained["train_accuracy"], gap, params.evaluate),
+        "verdict": verdict(trained["train_accuracy"], gap, thresholds),
     }
-    sio.write_json(METRICS, metrics)
-    sio.write_text(CONFUSION_CSV, "actual,predicted\n" + "".join(
-        f"{classes[a]},{classes[p]}\n" for a, p in zip(test_y.tolist(), predicted.tolist())))
-    save_confusion_png(matrix, classes, test_accuracy)
+    return metrics, matrix, predicted
 
-    with tracking.resume_run(sio.read_json(RUN)["run_id"], params.mlflow):
-        tracking.log_metrics({"test_accuracy": test_accuracy, "test_loss": test_loss, **aux,
-                              "generalization_gap": gap,
-                              "overfitting_epoch": metrics["overfitting_epoch"] or 0})
-        tracking.set_tags({"verdict": metrics["verdict"]})
-        tracking.log_metrics({f"test_accuracy.{c}": a for c, a in zip(classes, per_class)})
+
+def write_outputs(
+    metrics: dict,
+    matrix: np.ndarray,
+    classes: list[str],
+    test_y: torch.Tensor,
+    predicted: torch.Tensor,
+) -> None:
+    sio.write_json(METRICS, metrics)
+    sio.write_text(
+        CONFUSION_CSV,
+        "actual,predicted\n"
+        + "".join(
+            f"{classes[a]},{classes[p]}\n" for a, p in zip(test_y.tolist(), predicted.tolist())
+        ),
+    )
+    save_confusion_png(matrix, classes, metrics["test_accuracy"])
+
+
+def log_to_run(metrics: dict, classes: list[str], mlflow_params: P.Mlflow) -> None:
+    """Into train's MLflow run: the test metrics, the verdict, the reports."""
+    aux = {
+        k: v
+        for k, v in metrics.items()
+        if k.startswith("test_") and k not in ("test_accuracy", "test_loss")
+    }
+    with runs.resume_run(sio.read_json(RUN)["run_id"], mlflow_params):
+        runs.log_metrics(
+            {
+                "test_accuracy": metrics["test_accuracy"],
+                "test_loss": metrics["test_loss"],
+                **aux,
+                "generalization_gap": metrics["generalization_gap"],
+                "overfitting_epoch": metrics["overfitting_epoch"] or 0,
+            }
+        )
+        runs.set_tags({"verdict": metrics["verdict"]})
+        runs.log_metrics({f"test_accuracy.{c}": metrics["per_class_accuracy"][c] for c in classes})
         for path in [METRICS, CONFUSION_CSV, CONFUSION_PNG, PREVIEW]:
             if path.exists():
-                tracking.log_artifact(path)
-    print(f"evaluate: test accuracy {test_accuracy:.4f}, loss {test_loss:.4f}, gap {gap:+.4f}: "
-          f"{metrics['verdict']}")
+                runs.log_artifact(path)
 
 
 def read_curves(path: Path) -> list[dict]:
@@ -130,8 +189,15 @@ def save_confusion_png(matrix: np.ndarray, classes: list[str], accuracy: float) 
     if len(classes) <= 20:
         for i in range(len(classes)):
             for j in range(len(classes)):
-                ax.text(j, i, matrix[i, j], ha="center", va="center", fontsize=6,
-                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    matrix[i, j],
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+                )
     fig.tight_layout()
     sio.save_figure(CONFUSION_PNG, fig)
     plt.close(fig)

@@ -49,14 +49,20 @@ class Data(Section):
     # Long-tailed training set: largest class / smallest class, counts falling off exponentially
     # with the class index. 1 = balanced.
     imbalance_ratio: float = Field(1.0, ge=1)
-    normalize: Literal["none", "dataset"] = "none"  # dataset: per-channel mean/std of the training set
+    normalize: Literal["none", "dataset"] = (
+        "none"  # dataset: per-channel mean/std of the training set
+    )
 
 
 class Augment(Section):
     flip: bool = False  # random horizontal flip, p = 0.5
-    crop_padding: int = Field(0, ge=0, le=16)  # pixels of zero padding before a random crop; 0 = off
+    crop_padding: int = Field(
+        0, ge=0, le=16
+    )  # pixels of zero padding before a random crop; 0 = off
     trivial_augment: bool = False  # TrivialAugmentWide: one random op of random strength per image
-    color_jitter: float = Field(0.0, ge=0, le=1)  # brightness/contrast/saturation factors in [1-s, 1+s]
+    color_jitter: float = Field(
+        0.0, ge=0, le=1
+    )  # brightness/contrast/saturation factors in [1-s, 1+s]
     erasing: float = Field(0.0, ge=0, le=1)  # probability of erasing a random rectangle (cutout)
     mixup_alpha: float = Field(0.0, ge=0)  # Beta(a, a) mixing of image pairs and labels; 0 = off
     cutmix_alpha: float = Field(0.0, ge=0)  # Beta(a, a) area pasted between pairs; 0 = off
@@ -69,20 +75,33 @@ BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_
 
 class Model(Section):
     # net: the source's LeNet-style network; cnn: configurable; or an ImageNet backbone
-    name: Literal["net", "cnn", "resnet9", "resnet18", "mobilenet_v3_small", "efficientnet_b0",
-                  "efficientnet_lite0"] = "net"
-    width: float = Field(1.0, gt=0, le=16)  # net, cnn, resnet9: multiplies every layer's channels and units
+    name: Literal[
+        "net",
+        "cnn",
+        "resnet9",
+        "resnet18",
+        "mobilenet_v3_small",
+        "efficientnet_b0",
+        "efficientnet_lite0",
+    ] = "net"
+    width: float = Field(
+        1.0, gt=0, le=16
+    )  # net, cnn, resnet9: multiplies every layer's channels and units
     depth: int = Field(3, ge=1, le=5)  # cnn: conv blocks (3×3 conv, [batch norm], ReLU, max-pool 2)
     batch_norm: bool = False  # cnn: batch norm after each convolution
     dropout: float = Field(0.0, ge=0, lt=1)  # net, cnn: p of dropout before each dense layer
-    conv_dropout: float = Field(0.0, ge=0, lt=1)  # net, cnn: p of spatial dropout after each conv block
-    # none | imagenet | a state-dict file | runs:/<run id>/model or models:/... (stages/pretrained.py)
+    conv_dropout: float = Field(
+        0.0, ge=0, lt=1
+    )  # net, cnn: p of spatial dropout after each conv block
+    # none | imagenet | a state-dict file | runs:/<run id>/model or models:/... (stages/networks/weights.py)
     pretrained: str = Field("none", min_length=1)
-    input_size: int | None = Field(None, ge=16, le=512)  # pixels the network sees (resized in the model); null = data.image_size
-    freeze: str = Field("none", pattern=r"^(none|backbone|all_but_last_[1-9][0-9]*)$")  # parameters held fixed
+    input_size: int | None = Field(
+        None, ge=16, le=512
+    )  # pixels the network sees (resized in the model); null = data.image_size
+    freeze: str = Field(
+        "none", pattern=r"^(none|backbone|all_but_last_[1-9][0-9]*)$"
+    )  # parameters held fixed
     freeze_bn: bool = False  # batch-norm statistics and affine parameters fixed
-
-
 
 
 class EarlyStopping(Section):
@@ -104,10 +123,16 @@ class Train(Section):
     l2: float = Field(0.0, ge=0)  # loss += l2 * sum w^2 over the same weights
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weighting: Literal["none", "balanced"] = "none"  # balanced: weight_c = N / (K * n_c)
-    schedule: Literal["none", "cosine", "step", "onecycle"] = "none"  # learning-rate schedule, per step
-    step_epochs: int = Field(10, ge=1)  # schedule=step: multiply the lr by step_gamma every this many epochs
+    schedule: Literal["none", "cosine", "step", "onecycle"] = (
+        "none"  # learning-rate schedule, per step
+    )
+    step_epochs: int = Field(
+        10, ge=1
+    )  # schedule=step: multiply the lr by step_gamma every this many epochs
     step_gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: int = Field(0, ge=0)  # linear warm-up from 0 (none/cosine/step; onecycle has its own)
+    warmup_epochs: int = Field(
+        0, ge=0
+    )  # linear warm-up from 0 (none/cosine/step; onecycle has its own)
     early_stopping: EarlyStopping = EarlyStopping()
     backbone_lr_mult: float = Field(1.0, ge=0)  # lr of everything but the head = lr * this
     unfreeze_at_epoch: int = Field(0, ge=0)  # from this epoch on, model.freeze is lifted; 0 = never
@@ -122,8 +147,10 @@ class Train(Section):
 
 
 # CIFAR-10's classes in two groups: the default for tasks.coarse.groups
-VEHICLES_ANIMALS = {"vehicle": ["airplane", "automobile", "ship", "truck"],
-                    "animal": ["bird", "cat", "deer", "dog", "frog", "horse"]}
+VEHICLES_ANIMALS = {
+    "vehicle": ["airplane", "automobile", "ship", "truck"],
+    "animal": ["bird", "cat", "deer", "dog", "frog", "horse"],
+}
 
 
 class Coarse(Section):
@@ -142,8 +169,10 @@ class Coarse(Section):
                 raise ValueError(f"group {group!r} is empty")
             for name in names:
                 if name in seen:
-                    raise ValueError(f"class {name!r} is in groups {seen[name]!r} and {group!r}: "
-                                     "every class belongs to exactly one group")
+                    raise ValueError(
+                        f"class {name!r} is in groups {seen[name]!r} and {group!r}: "
+                        "every class belongs to exactly one group"
+                    )
                 seen[name] = group
         return groups
 
@@ -193,16 +222,23 @@ def parse(raw: dict[str, Any]) -> Params:
         if err["type"] == "extra_forbidden":
             section = _section_of(err["loc"][:-1])
             allowed = ", ".join(section.model_fields)
-            raise ParamsError(f"params.yaml: unknown key '{key}' = {_show(err['input'])} "
-                              f"(allowed here: {allowed})") from None
+            raise ParamsError(
+                f"params.yaml: unknown key '{key}' = {_show(err['input'])} "
+                f"(allowed here: {allowed})"
+            ) from None
         raise ParamsError(f"params.yaml: {key} = {_show(err['input'])}: {err['msg']}") from None
     check_combinations(params)
     return params
 
 
 # The model.* keys that shape a network, and the networks they shape.
-SHAPE_KEYS = {"width": ("net", "cnn", "resnet9"), "depth": ("cnn",), "batch_norm": ("cnn",),
-              "dropout": ("net", "cnn"), "conv_dropout": ("net", "cnn")}
+SHAPE_KEYS = {
+    "width": ("net", "cnn", "resnet9"),
+    "depth": ("cnn",),
+    "batch_norm": ("cnn",),
+    "dropout": ("net", "cnn"),
+    "conv_dropout": ("net", "cnn"),
+}
 
 
 def check_combinations(params: Params) -> None:
@@ -211,26 +247,38 @@ def check_combinations(params: Params) -> None:
     for key, models in SHAPE_KEYS.items():
         default = Model.model_fields[key].default
         if m.name not in models and getattr(m, key) != default:
-            raise ParamsError(f"params.yaml: model.{key} = {getattr(m, key)!r} applies to "
-                              f"{' and '.join(models)}, not to {m.name} (leave it at {default!r})")
+            raise ParamsError(
+                f"params.yaml: model.{key} = {getattr(m, key)!r} applies to "
+                f"{' and '.join(models)}, not to {m.name} (leave it at {default!r})"
+            )
     if m.name in BACKBONES:
         if params.data.normalize == "dataset":
-            raise ParamsError(f"params.yaml: data.normalize = dataset is for net and cnn; "
-                              f"{m.name} normalizes its inputs as its ImageNet weights expect")
+            raise ParamsError(
+                f"params.yaml: data.normalize = dataset is for net and cnn; "
+                f"{m.name} normalizes its inputs as its ImageNet weights expect"
+            )
     elif m.pretrained == "imagenet":
-        raise ParamsError(f"params.yaml: model.pretrained = imagenet: there are no ImageNet "
-                          f"weights for {m.name} (allowed: {', '.join(BACKBONES)})")
+        raise ParamsError(
+            f"params.yaml: model.pretrained = imagenet: there are no ImageNet "
+            f"weights for {m.name} (allowed: {', '.join(BACKBONES)})"
+        )
     if m.name == "net" and m.input_size not in (None, 32):
         raise ParamsError(f"params.yaml: model.input_size = {m.input_size}: net takes 32×32 images")
     if m.freeze_bn and (m.name == "net" or (m.name == "cnn" and not m.batch_norm)):
-        raise ParamsError(f"params.yaml: model.freeze_bn = true, but {m.name} has no batch norm "
-                          "here (cnn needs model.batch_norm = true)")
+        raise ParamsError(
+            f"params.yaml: model.freeze_bn = true, but {m.name} has no batch norm "
+            "here (cnn needs model.batch_norm = true)"
+        )
     if t.l2_sp and m.pretrained == "none":
-        raise ParamsError("params.yaml: train.l2_sp needs pretrained weights to stay close to "
-                          "(model.pretrained is none)")
+        raise ParamsError(
+            "params.yaml: train.l2_sp needs pretrained weights to stay close to "
+            "(model.pretrained is none)"
+        )
     if t.unfreeze_at_epoch and m.freeze == "none":
-        raise ParamsError(f"params.yaml: train.unfreeze_at_epoch = {t.unfreeze_at_epoch}, but "
-                          "model.freeze is none: nothing to unfreeze")
+        raise ParamsError(
+            f"params.yaml: train.unfreeze_at_epoch = {t.unfreeze_at_epoch}, but "
+            "model.freeze is none: nothing to unfreeze"
+        )
 
 
 def load(path: Path = PARAMS_FILE) -> Params:
@@ -261,28 +309,32 @@ def with_changes(raw: dict, changes: dict[str, Any]) -> dict:
 
 def set_options(changes: dict[str, Any]) -> list[str]:
     """Dotted changes as `dvc exp run` options: ["-S", "train.lr=0.01", ...] (None is null)."""
-    return [arg for key, value in changes.items()
-            for arg in ("-S", f"{key}={'null' if value is None else value}")]
+    return [
+        arg
+        for key, value in changes.items()
+        for arg in ("-S", f"{key}={'null' if value is None else value}")
+    ]
 
 
 def flatten(params: Params) -> dict[str, Any]:
     """{'train.lr': 0.001, ...}: the names MLflow logs, as written in params.yaml."""
+    return flatten_dict(params.model_dump())
 
-    def walk(prefix: str, value: Any) -> dict[str, Any]:
-        if isinstance(value, dict):
-            out: dict[str, Any] = {}
-            for k, v in value.items():
-                out.update(walk(f"{prefix}.{k}" if prefix else k, v))
-            return out
-        return {prefix: value}
 
-    return walk("", params.model_dump())
+def flatten_dict(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {'dotted.key': value}."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten_dict(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
 
 
 def _show(value: Any, limit: int = 80) -> str:
     """A value as the error line shows it: its repr (one line), cut short if it is long."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _section_of(loc: tuple) -> type[BaseModel]:

@@ -36,8 +36,11 @@ def l2_sp_penalty(net: nn.Module, start_values: dict[str, torch.Tensor]) -> torc
     for transfer learning"): plain L2 pulls the weights to zero, forgetting what pretraining
     learned; L2-SP pulls them back to where fine-tuning started. The new head has no starting
     point and is not in it (train.l2 covers it)."""
-    return sum((p - start_values[k]).pow(2).sum() for k, p in net.named_parameters()  # type: ignore[return-value]
-               if k in start_values and p.ndim > 1 and p.requires_grad)
+    return sum(
+        (p - start_values[k]).pow(2).sum()
+        for k, p in net.named_parameters()  # type: ignore[return-value]
+        if k in start_values and p.ndim > 1 and p.requires_grad
+    )
 
 
 def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Stage `train`: build the model, train, validate every epoch, log it all to one MLflow run.
 
 Reads params: seed, data.normalize, model.*, train.*, augment.* (the online policy, mixup and
-cutmix), tasks.* (auxiliary tasks on the same backbone: stages/tasks.py), mlflow.*.
+cutmix), tasks.* (auxiliary tasks on the same backbone: stages/networks/tasks.py), mlflow.*.
 Writes models/model.pt (state dict + the params it was trained with), models/run.json (the MLflow
 run id, for evaluate), metrics/train.json and reports/train_curves.{csv,png}.
 
@@ -29,6 +29,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,9 +39,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stages import errors, io as sio, models, params as P, pretrained, regularize, tasks, tracking
+from stages import errors, io as sio, params as P, regularize
 from stages.data import Policy, augment, epoch_generator, load_split, to_float
 from stages.errors import StageError
+from stages.networks import architectures, freeze, predict, tasks, weights
+from stages.networks.build import build_model, channel_mean_std, network
+from stages.runtime import cpu_threads, repo_root
+from stages.tracking import runs, store
 
 PREPARED = Path("data/prepared")
 MODEL = Path("models/model.pt")
@@ -53,153 +59,361 @@ CURVE_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accur
 
 def main() -> None:
     params = P.load()
-    tracking.check_reachable(tracking.tracking_uri(params.mlflow))  # fail now, not after the data
+    store.check_reachable(store.tracking_uri(params.mlflow))  # fail now, not after the data
+    proc = set_up_process(params)
+    torch.manual_seed(params.seed)  # the weights' initialization
+    data = load_data(PREPARED)
+    model = set_up_model(params, data)
+    checkpoint = checkpoint_path(
+        params,
+        model.weights.get("sha256", ""),
+        proc.world,
+        data.train_x,
+        data.train_y,
+        data.val_x,
+        data.val_y,
+    )
+    data, model = to_device(data, model, proc, params.train.compile)
+    state = set_up_training(params, data, model)
+    resume(state, model.model, checkpoint)
+    with (
+        runs.start_run(params, data.source_sha256, resume_id=state.run_id)
+        if proc.logs
+        else contextlib.nullcontext()
+    ) as run:
+        if proc.logs:
+            log_start(model, proc)
+        fit(params, data, model, state, proc, run, checkpoint)
+        if proc.logs:
+            write_outputs(params, data, model, state, run)
+    if proc.logs:
+        checkpoint.unlink()  # finished: the outputs are written
+
+
+@dataclass
+class Process:
+    """Where this process trains: its device, and its place among data-parallel processes."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def logs(self) -> bool:
+        """Only rank 0 talks to MLflow and writes files."""
+        return self.rank == 0
+
+
+def set_up_process(params: P.Params) -> Process:
+    """Threads, device and distribution: under torchrun (or train.nproc > 1, which becomes
+    torchrun), join the process group; on a GPU, the device of this process's local rank."""
     if int(os.environ.get("WORLD_SIZE", params.train.nproc)) > 1 and params.train.unfreeze_at_epoch:
-        raise StageError("train.unfreeze_at_epoch can't be used with distributed training: DDP "
-                         "fixes the set of trained parameters when it starts")
+        raise StageError(
+            "train.unfreeze_at_epoch can't be used with distributed training: DDP "
+            "fixes the set of trained parameters when it starts"
+        )
     launch_under_torchrun(params.train.nproc)
     device = resolve_device(params.train.device)
     rank, world = start_distributed(device)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.type == "cuda" else device
-    torch.set_num_threads(params.train.threads or models.cpu_threads(tracking.repo_root()) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) or 1)
-    torch.manual_seed(params.seed)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(params.train.threads or cpu_threads() // local_processes or 1)
+    return Process(device, rank, world)
 
-    train_x, train_y = load_split(PREPARED, "train")
-    val_x, val_y = load_split(PREPARED, "val")
-    meta = sio.read_json(PREPARED / "meta.json")
-    classes, source_sha256 = meta["classes"], meta.get("source_sha256")
-    mean_std = models.channel_mean_std(train_x) if params.data.normalize == "dataset" else None
-    task_weights = tasks.active(params.tasks)  # the auxiliary tasks that are on
-    coarse = tasks.coarse_mapping_if_on(params.tasks, classes)
-    model = models.build(params, len(classes), image_size=train_x.shape[-1], mean_std=mean_std)
-    net, name = models.network(model), params.model.name
 
-    # Fine-tuning: pretrained weights for all but the new head, blocks held fixed by model.freeze
-    # (until train.unfreeze_at_epoch), and their starting values for L2-SP.
-    weights = {}  # which weights: name, source, sha256
-    start_values: dict[str, torch.Tensor] = {}
+@dataclass
+class Data:
+    train_x: torch.Tensor  # uint8, N×3×H×W
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    classes: list[str]
+    source_sha256: str | None  # of the data.source archive, for the MLflow tag
+
+
+def load_data(folder: Path) -> Data:
+    train_x, train_y = load_split(folder, "train")
+    val_x, val_y = load_split(folder, "val")
+    meta = sio.read_json(folder / "meta.json")
+    return Data(train_x, train_y, val_x, val_y, meta["classes"], meta.get("source_sha256"))
+
+
+@dataclass
+class Model:
+    """The model and what fine-tuning needs to know of it."""
+
+    model: nn.Module  # what is trained, saved and logged (with its task heads, if any)
+    net: nn.Module  # the network inside the normalization and multi-task wrappers
+    head: nn.Module  # the new classifier (and task heads): trained at train.lr
+    frozen: list[nn.Parameter]  # held fixed by model.freeze, until train.unfreeze_at_epoch
+    start_values: dict[str, torch.Tensor]  # the pretrained weights, for L2-SP
+    weights: dict  # which pretrained weights: name, source, sha256 (empty without)
+    task_weights: dict[str, float]  # the auxiliary tasks that are on
+    coarse: torch.Tensor | None  # class -> group, for the coarse task
+    forward: nn.Module | None = None  # what trains: the model, compiled or under DDP
+    measured: nn.Module | None = None  # what measures the splits: never DDP, which would sync
+
+
+def set_up_model(params: P.Params, data: Data) -> Model:
+    """The network params.model names; for fine-tuning, pretrained weights for all but the new
+    head, and the blocks that model.freeze holds fixed."""
+    mean_std = channel_mean_std(data.train_x) if params.data.normalize == "dataset" else None
+    model = build_model(
+        params, len(data.classes), image_size=data.train_x.shape[-1], mean_std=mean_std
+    )
+    net, name = network(model), params.model.name
+    loaded_weights, start_values = {}, {}
     if params.model.pretrained != "none":
-        state, weights = pretrained.load_weights(params.model.pretrained, name,
-                                                 tracking.tracking_uri(params.mlflow))
-        loaded = pretrained.load_into(net, state, name)
+        state, loaded_weights = weights.load_weights(
+            params.model.pretrained, name, store.tracking_uri(params.mlflow)
+        )
+        loaded = weights.load_into(net, state, name)
         start_values = {k: p.detach().clone() for k, p in net.named_parameters() if k in loaded}
-    checkpoint = checkpoint_path(params, weights.get("sha256", ""), world, train_x, train_y, val_x, val_y)
-
-    # On a GPU the whole data set moves there once, as uint8, and is augmented there.
-    train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
-    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    start_values = {k: v.to(device) for k, v in start_values.items()}
-    frozen = pretrained.frozen_parameters(net, name, params.model.freeze)
-    head = net.get_submodule(pretrained.HEADS[name])
+    task_weights = tasks.active(params.tasks)
+    head = net.get_submodule(architectures.head_name(name))
     if task_weights:  # the auxiliary heads are new too: they train at the head's rate
         head = nn.ModuleList([head, *model.heads.values()])
-    task_loss = (tasks.TaskLoss(task_weights, coarse, getattr(model, "log_vars", None))
-                 if task_weights else None)
-    forward = torch.compile(model) if params.train.compile else model  # same parameters
-    measured = forward  # what measures the splits: never the DDP wrapper, which would sync
-    if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model)
-        forward, measured = (torch.compile(ddp) if params.train.compile else ddp), model
-    logs = rank == 0  # only rank 0 talks to MLflow and writes files
+    return Model(
+        model,
+        net,
+        head,
+        freeze.frozen_parameters(net, name, params.model.freeze),
+        start_values,
+        loaded_weights,
+        task_weights,
+        tasks.coarse_mapping_if_on(params.tasks, data.classes),
+    )
 
-    steps_per_epoch = math.ceil(len(train_x) / params.train.batch_size)
-    optimizer = make_optimizer(params.train, model, head)
-    scheduler = make_scheduler(params.train, optimizer, steps_per_epoch)
-    class_weights = (regularize.balanced_class_weights(train_y, len(classes)).to(device)
-                     if params.train.class_weighting == "balanced" else None)
-    loss_fn = make_loss(params.train, model, class_weights, net, start_values)
-    policy = Policy.from_params(params.augment) if params.augment.online else Policy()
-    mixer = regularize.label_mixer(params.augment.mixup_alpha, params.augment.cutmix_alpha, len(classes))
-    stopper = EarlyStopping(**params.train.early_stopping.model_dump(exclude={"enabled", "restore_best"}))
-    restore_best = params.train.early_stopping.enabled and params.train.early_stopping.restore_best
-    best_state = None
-    history: list[dict] = []
 
-    # Resume after a crash or kill: the checkpoint lives outside DVC's outputs (DVC deletes those
-    # before rerunning the stage) and is named by everything that shapes training, so a run with
-    # other params or data never picks it up. Every epoch reseeds from (seed, epoch): the resumed
-    # run is bit-identical to an uninterrupted one.
-    resumed = sio.load_torch(checkpoint) if checkpoint.exists() else None
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        vars(stopper).update(resumed["stopper"])
-        history, best_state = resumed["history"], resumed["best_state"]
-        print(f"resuming after epoch {len(history)} from {checkpoint}", flush=True)
+def to_device(data: Data, model: Model, proc: Process, compile: bool) -> tuple[Data, Model]:
+    """On a GPU the whole data set moves there once, as uint8, and is augmented there; the
+    model is compiled (train.compile) and wrapped in DDP for several processes."""
+    device = proc.device
+    data = replace(
+        data, **{k: getattr(data, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y")}
+    )
+    channels_last = device.type == "cuda"
+    model.model.to(
+        device, memory_format=torch.channels_last if channels_last else torch.preserve_format
+    )
+    model.start_values = {k: v.to(device) for k, v in model.start_values.items()}
+    compiled = torch.compile(model.model) if compile else model.model
+    model.forward, model.measured = compiled, compiled
+    if proc.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model.model)
+        model.forward = torch.compile(ddp) if compile else ddp
+        model.measured = model.model
+    return data, model
 
-    with (tracking.start_run(params, source_sha256, resume_id=resumed and resumed["run_id"])
-          if logs else contextlib.nullcontext()) as run:
-        if logs:
-            tracking.log_metrics({"num_parameters": models.count_parameters(model),
-                                  "torch_threads": torch.get_num_threads(), "world_size": world})
-        if weights and logs:
-            tracking.set_tags({f"pretrained.{k}": v for k, v in weights.items()})
-        for epoch in range(len(history) + 1, params.train.epochs + 1):
-            if params.train.early_stopping.enabled and stopper.should_stop:
-                break  # a resumed run that had already decided to stop
-            still_frozen = not params.train.unfreeze_at_epoch or epoch < params.train.unfreeze_at_epoch
-            for p in frozen:
-                p.requires_grad_(not still_frozen)  # no gradient: the optimizer leaves it alone
-            # dropout, mixup: replayable per epoch, and different on each process
-            torch.manual_seed(params.seed * 1_000_003 + epoch + 7919 * rank)
-            start = time.perf_counter()
-            batch_loss = train_one_epoch(forward, train_x, train_y, optimizer, scheduler, loss_fn,
-                                         params.train.batch_size, policy, mixer,
-                                         epoch_generator(params.seed, epoch),
-                                         desc=f"epoch {epoch}/{params.train.epochs}",
-                                         task_loss=task_loss, shard=(rank, world))
-            seconds = time.perf_counter() - start
-            row = {"epoch": epoch, **measure(measured, train_x, train_y, "train", coarse, (rank, world)),
-                   **measure(measured, val_x, val_y, "val", coarse, (rank, world))}
-            history.append(row)
-            if not logs:
-                stopper.update(epoch, row[stopper.monitor])  # the same decision as rank 0's
-                if params.train.early_stopping.enabled and stopper.should_stop:
-                    break
-                continue
-            tracking.log_metrics({**row, "train_batch_loss": batch_loss, "epoch_seconds": seconds,
-                                  "gap": row["train_accuracy"] - row["val_accuracy"],
-                                  "lr": optimizer.param_groups[-1]["lr"],  # the head's
-                                  "trainable_parameters": trainable_parameters(model),
-                                  **{f"task_weight_{t}": w for t, w in
-                                     tasks.current_weights(model, task_weights).items()}}, step=epoch)
-            print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-                  f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s",
-                  flush=True)
-            if stopper.update(epoch, row[stopper.monitor]) and restore_best:
-                best_state = {k: v.clone() for k, v in model.state_dict().items()}
-            sio.save_torch(checkpoint, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "stopper": dict(vars(stopper)),
-                "history": history, "best_state": best_state, "run_id": run.info.run_id})
-            if params.train.early_stopping.enabled and stopper.should_stop:
-                print(f"early stopping: {stopper.monitor} has not improved for "
-                      f"{stopper.patience} epochs; best epoch {stopper.best_epoch}", flush=True)
-                break
 
-        if not logs:
-            return
-        saved = history[-1]
-        if best_state is not None:
-            model.load_state_dict(best_state)
-            saved = history[stopper.best_epoch - 1]
-        summary = {**{k: v for k, v in saved.items() if k != "epoch"}, "epochs_run": len(history),
-                   "best_epoch": stopper.best_epoch, "num_parameters": models.count_parameters(model),
-                   "trainable_parameters": trainable_parameters(model)}
-        model.cpu()  # saved and logged as a CPU model
-        sio.save_torch(MODEL, {"state_dict": model.state_dict(), "params": params.model_dump(),
-                               "classes": classes, "epoch": saved["epoch"]})
-        sio.write_json(METRICS, summary)
-        sio.write_text(CURVES, curves_csv(history))
-        save_curves_png(history)
-        sio.write_json(RUN, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+@dataclass
+class Training:
+    """What the epoch loop changes, and what a resumed run takes back from the checkpoint."""
 
-        tracking.log_metrics({f"final_{k}": v for k, v in summary.items()})
-        for path in [P.PARAMS_FILE, METRICS, CURVES, CURVES_PNG]:
-            tracking.log_artifact(path)
-        tracking.log_model(model.eval(), to_float(val_x[:2].cpu()), MODEL)
-    checkpoint.unlink()  # finished: the outputs are written
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: Callable
+    task_loss: tasks.TaskLoss | None
+    policy: Policy  # online augmentation: the image policy, or nothing
+    mixer: Callable | None  # mixup / cutmix
+    stopper: EarlyStopping
+    history: list[dict] = field(default_factory=list)  # one row of measurements per epoch
+    best_state: dict | None = None  # the best epoch's weights, with early stopping's restore_best
+    run_id: str | None = None  # the MLflow run of an interrupted training that is being resumed
+
+
+def set_up_training(params: P.Params, data: Data, model: Model) -> Training:
+    steps_per_epoch = math.ceil(len(data.train_x) / params.train.batch_size)
+    optimizer = make_optimizer(params.train, model.model, model.head)
+    class_weights = (
+        regularize.balanced_class_weights(data.train_y, len(data.classes)).to(data.train_y.device)
+        if params.train.class_weighting == "balanced"
+        else None
+    )
+    return Training(
+        optimizer=optimizer,
+        scheduler=make_scheduler(params.train, optimizer, steps_per_epoch),
+        loss_fn=make_loss(params.train, model.model, class_weights, model.net, model.start_values),
+        task_loss=(
+            tasks.TaskLoss(model.task_weights, model.coarse, getattr(model.model, "log_vars", None))
+            if model.task_weights
+            else None
+        ),
+        policy=Policy.from_params(params.augment) if params.augment.online else Policy(),
+        mixer=regularize.label_mixer(
+            params.augment.mixup_alpha, params.augment.cutmix_alpha, len(data.classes)
+        ),
+        stopper=EarlyStopping(
+            **params.train.early_stopping.model_dump(exclude={"enabled", "restore_best"})
+        ),
+    )
+
+
+def resume(state: Training, model: nn.Module, checkpoint: Path) -> None:
+    """Resume after a crash or kill. The checkpoint lives outside DVC's outputs (DVC deletes those
+    before rerunning the stage) and is named by everything that shapes training, so a run with
+    other params or data never picks it up. Every epoch reseeds from (seed, epoch): the resumed
+    run is bit-identical to an uninterrupted one."""
+    if not checkpoint.exists():
+        return
+    saved = sio.load_torch(checkpoint)
+    model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    vars(state.stopper).update(saved["stopper"])
+    state.history, state.best_state, state.run_id = (
+        saved["history"],
+        saved["best_state"],
+        saved["run_id"],
+    )
+    print(f"resuming after epoch {len(state.history)} from {checkpoint}", flush=True)
+
+
+def save_checkpoint(state: Training, model: nn.Module, run_id: str, checkpoint: Path) -> None:
+    sio.save_torch(
+        checkpoint,
+        {
+            "model": model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "stopper": dict(vars(state.stopper)),
+            "history": state.history,
+            "best_state": state.best_state,
+            "run_id": run_id,
+        },
+    )
+
+
+def log_start(model: Model, proc: Process) -> None:
+    runs.log_metrics(
+        {
+            "num_parameters": predict.count_parameters(model.model),
+            "torch_threads": torch.get_num_threads(),
+            "world_size": proc.world,
+        }
+    )
+    if model.weights:
+        runs.set_tags({f"pretrained.{k}": v for k, v in model.weights.items()})
+
+
+def fit(
+    params: P.Params,
+    data: Data,
+    model: Model,
+    state: Training,
+    proc: Process,
+    run,
+    checkpoint: Path,
+) -> None:
+    """The epoch loop: train, measure the clean training and validation sets, stop early."""
+    t, stopping = params.train, params.train.early_stopping.enabled
+    restore_best = stopping and params.train.early_stopping.restore_best
+    shard = (proc.rank, proc.world)
+    for epoch in range(len(state.history) + 1, t.epochs + 1):
+        if stopping and state.stopper.should_stop:
+            break  # a resumed run that had already decided to stop
+        still_frozen = not t.unfreeze_at_epoch or epoch < t.unfreeze_at_epoch
+        for p in model.frozen:
+            p.requires_grad_(not still_frozen)  # no gradient: the optimizer leaves it alone
+        # dropout, mixup: replayable per epoch, and different on each process
+        torch.manual_seed(params.seed * 1_000_003 + epoch + 7919 * proc.rank)
+        start = time.perf_counter()
+        batch_loss = train_one_epoch(
+            model.forward,
+            data.train_x,
+            data.train_y,
+            state.optimizer,
+            state.scheduler,
+            state.loss_fn,
+            t.batch_size,
+            state.policy,
+            state.mixer,
+            epoch_generator(params.seed, epoch),
+            desc=f"epoch {epoch}/{t.epochs}",
+            task_loss=state.task_loss,
+            shard=shard,
+        )
+        seconds = time.perf_counter() - start
+        row = {
+            "epoch": epoch,
+            **measure(model.measured, data.train_x, data.train_y, "train", model.coarse, shard),
+            **measure(model.measured, data.val_x, data.val_y, "val", model.coarse, shard),
+        }
+        state.history.append(row)
+        improved = state.stopper.update(epoch, row[state.stopper.monitor])
+        if proc.logs:
+            if improved and restore_best:
+                state.best_state = {k: v.clone() for k, v in model.model.state_dict().items()}
+            log_epoch(row, batch_loss, seconds, state, model)
+            save_checkpoint(state, model.model, run.info.run_id, checkpoint)
+        if stopping and state.stopper.should_stop:
+            if proc.logs:
+                print(
+                    f"early stopping: {state.stopper.monitor} has not improved for "
+                    f"{state.stopper.patience} epochs; best epoch {state.stopper.best_epoch}",
+                    flush=True,
+                )
+            break
+
+
+def log_epoch(row: dict, batch_loss: float, seconds: float, state: Training, model: Model) -> None:
+    runs.log_metrics(
+        {
+            **row,
+            "train_batch_loss": batch_loss,
+            "epoch_seconds": seconds,
+            "gap": row["train_accuracy"] - row["val_accuracy"],
+            "lr": state.optimizer.param_groups[-1]["lr"],  # the head's
+            "trainable_parameters": trainable_parameters(model.model),
+            **{
+                f"task_weight_{t}": w
+                for t, w in tasks.current_weights(model.model, model.task_weights).items()
+            },
+        },
+        step=row["epoch"],
+    )
+    print(
+        f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+        f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s",
+        flush=True,
+    )
+
+
+def write_outputs(params: P.Params, data: Data, model: Model, state: Training, run) -> None:
+    """The saved model (the last epoch's, or the best one's with restore_best), its metrics and
+    curves, to files and to the MLflow run."""
+    net, history, stopper = model.model, state.history, state.stopper
+    saved = history[-1]
+    if state.best_state is not None:
+        net.load_state_dict(state.best_state)
+        saved = history[stopper.best_epoch - 1]
+    summary = {
+        **{k: v for k, v in saved.items() if k != "epoch"},
+        "epochs_run": len(history),
+        "best_epoch": stopper.best_epoch,
+        "num_parameters": predict.count_parameters(net),
+        "trainable_parameters": trainable_parameters(net),
+    }
+    net.cpu()  # saved and logged as a CPU model
+    sio.save_torch(
+        MODEL,
+        {
+            "state_dict": net.state_dict(),
+            "params": params.model_dump(),
+            "classes": data.classes,
+            "epoch": saved["epoch"],
+        },
+    )
+    sio.write_json(METRICS, summary)
+    sio.write_text(CURVES, curves_csv(history))
+    save_curves_png(history)
+    sio.write_json(RUN, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+
+    runs.log_metrics({f"final_{k}": v for k, v in summary.items()})
+    for path in [P.PARAMS_FILE, METRICS, CURVES, CURVES_PNG]:
+        runs.log_artifact(path)
+    runs.log_model(net.eval(), to_float(data.val_x[:2].cpu()), MODEL)
 
 
 def launch_under_torchrun(nproc: int) -> None:
@@ -207,7 +421,9 @@ def launch_under_torchrun(nproc: int) -> None:
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         torchrun = str(Path(sys.executable).parent / "torchrun")
         sys.stdout.flush()
-        os.execv(torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "stages.train"])
+        os.execv(
+            torchrun, [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "stages.train"]
+        )
 
 
 def start_distributed(device: torch.device) -> tuple[int, int]:
@@ -218,8 +434,10 @@ def start_distributed(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         local = int(os.environ["LOCAL_RANK"])
         if local >= torch.cuda.device_count():
-            raise StageError(f"{os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine, "
-                             f"but {torch.cuda.device_count()} GPUs: one each is needed")
+            raise StageError(
+                f"{os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine, "
+                f"but {torch.cuda.device_count()} GPUs: one each is needed"
+            )
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -227,39 +445,46 @@ def start_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, prefix: str,
-            coarse: torch.Tensor | None, shard: tuple[int, int]) -> dict[str, float]:
-    """models.measure on the whole split; with several processes, each measures every
+def measure(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    prefix: str,
+    coarse: torch.Tensor | None,
+    shard: tuple[int, int],
+) -> dict[str, float]:
+    """predict.measure on the whole split; with several processes, each measures every
     world-th image and the sums are added up, so every process gets the whole split's numbers."""
     rank, world = shard
     if world == 1:
-        return models.measure(model, images, labels, prefix, coarse)
-    part = models.measure(model, images[rank::world], labels[rank::world], prefix, coarse)
+        return predict.measure(model, images, labels, prefix, coarse)
+    part = predict.measure(model, images[rank::world], labels[rank::world], prefix, coarse)
     count = len(labels[rank::world])
     sums = torch.tensor([v * count for v in part.values()] + [count], dtype=torch.float64)
     dist.all_reduce(sums)
     return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(part)}
 
 
-def checkpoint_path(params: P.Params, weights_sha256: str, world: int, *tensors: torch.Tensor) -> Path:
+def checkpoint_path(
+    params: P.Params, weights_sha256: str, world: int, *tensors: torch.Tensor
+) -> Path:
     """<repository root>/data/checkpoints/<hash of the params, pretrained weights, process count
     (it changes the order of the sums, so a resumed run is bit-identical only with the same),
     MLflow store (a resumed run reopens its MLflow run, which only that store has) and data>.pt"""
     digest = hashlib.sha256()
     training_params = {k: v for k, v in P.flatten(params).items() if not k.startswith("mlflow.")}
     digest.update(json.dumps(training_params, sort_keys=True).encode())
-    store = f"{tracking.tracking_uri(params.mlflow)}#{params.mlflow.experiment}"
-    digest.update(f"{weights_sha256}/{world}/{store}".encode())
+    where = f"{store.tracking_uri(params.mlflow)}#{params.mlflow.experiment}"
+    digest.update(f"{weights_sha256}/{world}/{where}".encode())
     for tensor in tensors:
         digest.update(tensor.numpy().tobytes())
-    return tracking.repo_root() / CHECKPOINTS / f"{digest.hexdigest()[:20]}.pt"
+    return repo_root() / CHECKPOINTS / f"{digest.hexdigest()[:20]}.pt"
 
 
 def resolve_device(choice: str) -> torch.device:
     """train.device: auto = the GPU when there is one."""
     if choice == "cuda" and not torch.cuda.is_available():
-        raise StageError("train.device = cuda, but PyTorch sees no CUDA GPU here "
-                         "(use auto or cpu)")
+        raise StageError("train.device = cuda, but PyTorch sees no CUDA GPU here (use auto or cpu)")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
@@ -269,8 +494,9 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def make_optimizer(train: P.Train, model: nn.Module,
-                   head: nn.Module | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    train: P.Train, model: nn.Module, head: nn.Module | None = None
+) -> torch.optim.Optimizer:
     """Two parameter groups: the head at train.lr, the rest at train.lr * train.backbone_lr_mult
     (discriminative learning rates); without a head, one group. Frozen parameters are in it too
     but get no gradient, and optimizers skip those: no update, no weight decay, until unfrozen.
@@ -279,14 +505,19 @@ def make_optimizer(train: P.Train, model: nn.Module,
     log_vars = getattr(model, "log_vars", None)
     skip = {id(log_vars)}
     in_head = {id(p) for p in (head or model).parameters()}
-    groups = [{"params": [log_vars] if log_vars is not None else [], "lr": train.lr, "weight_decay": 0.0},
-              {"params": [p for p in model.parameters() if id(p) not in in_head | skip],
-               "lr": train.lr * train.backbone_lr_mult},
-              {"params": [p for p in model.parameters() if id(p) in in_head - skip], "lr": train.lr}]
+    groups = [
+        {"params": [log_vars] if log_vars is not None else [], "lr": train.lr, "weight_decay": 0.0},
+        {
+            "params": [p for p in model.parameters() if id(p) not in in_head | skip],
+            "lr": train.lr * train.backbone_lr_mult,
+        },
+        {"params": [p for p in model.parameters() if id(p) in in_head - skip], "lr": train.lr},
+    ]
     groups = [g for g in groups if g["params"]]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum,
-                               weight_decay=train.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+        )
     if train.optimizer == "adam":
         return torch.optim.Adam(groups, lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
@@ -297,7 +528,8 @@ def make_scheduler(train: P.Train, optimizer: torch.optim.Optimizer, steps_per_e
     total = train.epochs * steps_per_epoch
     if train.schedule == "onecycle":  # its own warm-up (30% of the steps) and annealing
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total)
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total
+        )
     warmup = train.warmup_epochs * steps_per_epoch
 
     def factor(step: int) -> float:
@@ -312,15 +544,21 @@ def make_scheduler(train: P.Train, optimizer: torch.optim.Optimizer, steps_per_e
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_loss(train: P.Train, model: nn.Module, class_weights: torch.Tensor | None,
-              net: nn.Module | None = None, start_values: dict | None = None):
+def make_loss(
+    train: P.Train,
+    model: nn.Module,
+    class_weights: torch.Tensor | None,
+    net: nn.Module | None = None,
+    start_values: dict | None = None,
+):
     """Cross-entropy (class weights, label smoothing; targets may be mixed probabilities) plus
     the explicit L1 and L2 penalties on the weights, and L2-SP towards `start_values` (the
     pretrained values of `net`'s parameters, by name)."""
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits, targets, weight=class_weights,
-                               label_smoothing=train.label_smoothing)
+        loss = F.cross_entropy(
+            logits, targets, weight=class_weights, label_smoothing=train.label_smoothing
+        )
         if train.l1:
             loss = loss + train.l1 * regularize.l1_penalty(model)
         if train.l2:
@@ -332,10 +570,21 @@ def make_loss(train: P.Train, model: nn.Module, class_weights: torch.Tensor | No
     return loss_fn
 
 
-def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                    optimizer: torch.optim.Optimizer, scheduler, loss_fn, batch_size: int,
-                    policy: Policy, mixer, generator: torch.Generator, desc: str = "",
-                    task_loss: tasks.TaskLoss | None = None, shard: tuple[int, int] = (0, 1)) -> float:
+def train_one_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loss_fn,
+    batch_size: int,
+    policy: Policy,
+    mixer,
+    generator: torch.Generator,
+    desc: str = "",
+    task_loss: tasks.TaskLoss | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> float:
     """One pass over the (augmented, shuffled) training set; returns the mean batch loss.
     With auxiliary tasks, `task_loss` combines the main task's loss_fn with theirs. With
     shard = (rank, world), this process takes every world-th image of each batch.
@@ -353,10 +602,9 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     stop = len(images)
     if 0 < stop % batch_size < world:  # a last batch too small to give every process an image
         stop -= stop % batch_size
-    bar = tqdm(range(0, stop, batch_size), desc=desc, leave=False,
-               disable=not sys.stderr.isatty())
+    bar = tqdm(range(0, stop, batch_size), desc=desc, leave=False, disable=not sys.stderr.isatty())
     for start in bar:
-        idx = order[start:start + batch_size][rank::world]
+        idx = order[start : start + batch_size][rank::world]
         x, y = to_float(images[idx]), labels[idx]
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -376,8 +624,10 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     losses = torch.stack(losses).cpu()
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
-        raise StageError(f"the training loss became {losses[bad[0, 0]].item()} at step "
-                         f"{bad[0, 0].item() + 1} of {desc or 'the epoch'}: lower train.lr or the penalties")
+        raise StageError(
+            f"the training loss became {losses[bad[0, 0]].item()} at step "
+            f"{bad[0, 0].item() + 1} of {desc or 'the epoch'}: lower train.lr or the penalties"
+        )
     total = losses.sum().double()
     if world > 1:
         dist.all_reduce(total)

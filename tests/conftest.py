@@ -46,7 +46,9 @@ def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def png_bytes(array: np.ndarray, mode: str = "RGB", size: int | None = None, fmt: str = "PNG") -> bytes:
+def png_bytes(
+    array: np.ndarray, mode: str = "RGB", size: int | None = None, fmt: str = "PNG"
+) -> bytes:
     img = Image.fromarray(array).convert(mode)
     if size:
         img = img.resize((size, size))
@@ -55,8 +57,11 @@ def png_bytes(array: np.ndarray, mode: str = "RGB", size: int | None = None, fmt
     return buf.getvalue()
 
 
-def make_cifar_pickle_archive(path: Path, train_per_class: int = 30, test_per_class: int = 6) -> Path:
+def make_cifar_pickle_archive(
+    path: Path, train_per_class: int = 30, test_per_class: int = 6
+) -> Path:
     """A .tar.gz in the official CIFAR-10 python layout: five data batches, a test batch, meta."""
+
     def batch(per_class: int, seed: int) -> dict:
         images = np.concatenate([class_images(per_class, c, seed) for c in range(len(CLASSES))])
         labels = np.repeat(np.arange(len(CLASSES)), per_class)
@@ -66,11 +71,19 @@ def make_cifar_pickle_archive(path: Path, train_per_class: int = 30, test_per_cl
 
     with tarfile.open(path, "w:gz") as tar:
         for i in range(1, 6):
-            add_bytes(tar, f"cifar-10-batches-py/data_batch_{i}",
-                      pickle.dumps(batch(max(1, train_per_class // 5), seed=i)))
-        add_bytes(tar, "cifar-10-batches-py/test_batch", pickle.dumps(batch(test_per_class, seed=9)))
-        add_bytes(tar, "cifar-10-batches-py/batches.meta",
-                  pickle.dumps({b"label_names": [c.encode() for c in CLASSES]}))
+            add_bytes(
+                tar,
+                f"cifar-10-batches-py/data_batch_{i}",
+                pickle.dumps(batch(max(1, train_per_class // 5), seed=i)),
+            )
+        add_bytes(
+            tar, "cifar-10-batches-py/test_batch", pickle.dumps(batch(test_per_class, seed=9))
+        )
+        add_bytes(
+            tar,
+            "cifar-10-batches-py/batches.meta",
+            pickle.dumps({b"label_names": [c.encode() for c in CLASSES]}),
+        )
     return path
 
 
@@ -121,7 +134,9 @@ def write_params(folder: Path, **overrides) -> dict:
     """
     source = overrides.get("data.source")
     if isinstance(source, str) and "data.sha256" not in overrides:
-        path = Path(source) if Path(source).is_absolute() else folder / source  # as the stage sees it
+        path = (
+            Path(source) if Path(source).is_absolute() else folder / source
+        )  # as the stage sees it
         if path.is_file():
             overrides = {**overrides, "data.sha256": sha256_of(path)}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -151,15 +166,22 @@ def workdir(tmp_path, monkeypatch, pickle_archive) -> Path:
 def run_stage(name: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m stages.<name>` in a subprocess, as DVC runs it."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{name}"],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def copy_repo(dest: Path) -> Path:
     """The files git tracks, as a clone would have them (with the working tree's edits): a file
     the pipeline needs but git doesn't track fails the tests here as it would fail a user."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "-z"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     for name in filter(None, listed.split("\0")):
         src = REPO / name
         if src.is_file():
@@ -170,8 +192,14 @@ def copy_repo(dest: Path) -> Path:
 
 def start_train(cwd, env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_checkpoint(cwd, epochs: int, proc: subprocess.Popen, timeout=120):

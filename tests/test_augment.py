@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, write_params
+
 from stages import augment as augment_stage, download, io as sio, train
 from stages.data import Policy, augment, epoch_generator, random_crop
 from stages.errors import StageError
@@ -43,27 +43,45 @@ def test_split_depends_on_seed_only(workdir, pickle_archive):
 
 
 def test_train_size_subset_is_stratified(workdir, pickle_archive):
-    out = prepare(workdir, **{"data.source": str(pickle_archive), "data.val_fraction": 0.2,
-                              "data.train_size": 31})
+    out = prepare(
+        workdir,
+        **{"data.source": str(pickle_archive), "data.val_fraction": 0.2, "data.train_size": 31},
+    )
     counts = np.bincount(out["train_labels"]).tolist()
     assert sum(counts) == 31 and max(counts) - min(counts) <= 1
     assert len(out["val_labels"]) == 18  # the validation set does not shrink with the subset
 
 
 def test_train_size_larger_than_data_is_a_clear_error(workdir, pickle_archive):
-    with pytest.raises(StageError, match=r"data.train_size = 500 is larger than the training set \(72 images"):
-        prepare(workdir, **{"data.source": str(pickle_archive), "data.val_fraction": 0.2,
-                            "data.train_size": 500})
+    with pytest.raises(
+        StageError, match=r"data.train_size = 500 is larger than the training set \(72 images"
+    ):
+        prepare(
+            workdir,
+            **{
+                "data.source": str(pickle_archive),
+                "data.val_fraction": 0.2,
+                "data.train_size": 500,
+            },
+        )
 
 
 def test_offline_copies(workdir, pickle_archive):
-    out = prepare(workdir, **{"data.source": str(pickle_archive), "data.val_fraction": 0.2,
-                              "augment.copies": 2, "augment.flip": True, "augment.crop_padding": 4})
+    out = prepare(
+        workdir,
+        **{
+            "data.source": str(pickle_archive),
+            "data.val_fraction": 0.2,
+            "augment.copies": 2,
+            "augment.flip": True,
+            "augment.crop_padding": 4,
+        },
+    )
     n = 72
     assert out["train_images"].shape[0] == 3 * n
-    assert np.array_equal(out["train_labels"][:n], out["train_labels"][n:2 * n])
-    assert not np.array_equal(out["train_images"][:n], out["train_images"][n:2 * n])
-    assert not np.array_equal(out["train_images"][n:2 * n], out["train_images"][2 * n:])
+    assert np.array_equal(out["train_labels"][:n], out["train_labels"][n : 2 * n])
+    assert not np.array_equal(out["train_images"][:n], out["train_images"][n : 2 * n])
+    assert not np.array_equal(out["train_images"][n : 2 * n], out["train_images"][2 * n :])
     assert (workdir / "reports/augment_preview.png").stat().st_size > 1000
 
 
@@ -74,8 +92,12 @@ def test_crop_takes_a_window_of_the_zero_padded_image():
     assert out.shape == images.shape and out.dtype == torch.uint8
     offsets = set()
     for i in range(len(images)):
-        windows = [(dy, dx) for dy in range(5) for dx in range(5)
-                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i])]
+        windows = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], out[i])
+        ]
         assert windows, f"image {i} is not a crop of its padded version"
         offsets.add(windows[0])
     assert len(offsets) > 10  # one random offset per image, not one for the whole batch

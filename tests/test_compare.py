@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from conftest import TINY, write_params
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, write_params
-from stages import augment, compare, download, evaluate, train
+from stages import augment, download, evaluate, train
+from stages.experiments import compare
 
 
 def run_named(workdir, monkeypatch, name: str, **overrides) -> None:
@@ -29,8 +30,10 @@ def test_report_holds_every_run_and_the_params_that_differ(workdir, pickle_archi
     monkeypatch.setattr(sys, "argv", ["compare"])
     compare.main()
     report = (workdir / "reports/comparison.md").read_text().splitlines()
-    assert report[0] == ("| run | model.dropout | train.lr | train acc | val acc | test acc | gap | "
-                         "best epoch | epochs | minutes | verdict |")
+    assert report[0] == (
+        "| run | model.dropout | train.lr | train acc | val acc | test acc | gap | "
+        "best epoch | epochs | minutes | verdict |"
+    )
     assert len(report) == 2 + 3
     # Each row holds its run's own results, as MLflow has them.
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -41,10 +44,18 @@ def test_report_holds_every_run_and_the_params_that_differ(workdir, pickle_archi
         row = next(line for line in report if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         minutes = (run.info.end_time - run.info.start_time) / 60000
-        assert cells == [name, *params.split(" | "), f"{m['final_train_accuracy']:.3f}",
-                         f"{m['final_val_accuracy']:.3f}", f"{m['test_accuracy']:.3f}",
-                         f"{m['generalization_gap']:+.3f}", f"{m['final_best_epoch']:.0f}",
-                         str(TINY["train.epochs"]), f"{minutes:.1f}", run.data.tags["verdict"]]
+        assert cells == [
+            name,
+            *params.split(" | "),
+            f"{m['final_train_accuracy']:.3f}",
+            f"{m['final_val_accuracy']:.3f}",
+            f"{m['test_accuracy']:.3f}",
+            f"{m['generalization_gap']:+.3f}",
+            f"{m['final_best_epoch']:.0f}",
+            str(TINY["train.epochs"]),
+            f"{minutes:.1f}",
+            run.data.tags["verdict"],
+        ]
     for png in ("curves.png", "gap.png"):
         assert (workdir / "reports" / png).stat().st_size > 5000
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, run_stage, write_params
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_stage, write_params
 from stages import augment, download, evaluate, train
 from stages.data import Policy, epoch_generator
 from stages.errors import StageError
@@ -44,10 +44,12 @@ def test_two_processes_train_like_one(workdir, pickle_archive):
         new = [r for r in finished_runs(workdir) if r.info.run_id not in before]
         assert len(new) == 1, f"{nproc} processes made {len(new)} MLflow runs"  # only rank 0 logs
         assert new[0].info.status == "FINISHED"
-        results[nproc] = {**json.loads((workdir / "metrics/train.json").read_text()),
-                          **json.loads((workdir / "metrics/eval.json").read_text()),
-                          "world_size": new[0].data.metrics["world_size"],
-                          "state": torch.load(workdir / "models/model.pt", weights_only=True)["state_dict"]}
+        results[nproc] = {
+            **json.loads((workdir / "metrics/train.json").read_text()),
+            **json.loads((workdir / "metrics/eval.json").read_text()),
+            "world_size": new[0].data.metrics["world_size"],
+            "state": torch.load(workdir / "models/model.pt", weights_only=True)["state_dict"],
+        }
 
     one, two = results[1], results[2]
     assert (one["world_size"], two["world_size"]) == (1, 2)
@@ -79,9 +81,19 @@ def test_a_process_gets_its_share_of_each_batch():
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         with pytest.MonkeyPatch.context() as mp:  # no process group here: skip the all-reduce
             mp.setattr(train.dist, "all_reduce", lambda tensor: None)
-            train.train_one_epoch(model, images, torch.zeros(10, dtype=torch.long), optimizer,
-                                  scheduler, torch.nn.functional.cross_entropy, 4, Policy(), None,
-                                  epoch_generator(0, 1), shard=(rank, 2))
+            train.train_one_epoch(
+                model,
+                images,
+                torch.zeros(10, dtype=torch.long),
+                optimizer,
+                scheduler,
+                torch.nn.functional.cross_entropy,
+                4,
+                Policy(),
+                None,
+                epoch_generator(0, 1),
+                shard=(rank, 2),
+            )
     # batches of 4 split 2 + 2; the last batch of 2 gives each process one image
     assert [len(b) for b in seen[0]] == [2, 2, 1] and [len(b) for b in seen[1]] == [2, 2, 1]
     together = sorted(i for r in (0, 1) for b in seen[r] for i in b)

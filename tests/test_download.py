@@ -22,9 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    CLASSES,
+    REPO,
+    add_bytes,
+    class_images,
+    image_folder_files,
+    make_image_folder_archive,
+    run_stage,
+    write_params,
+)
 
-from conftest import (CLASSES, REPO, add_bytes, class_images, image_folder_files,
-                      make_image_folder_archive, run_stage, write_params)
 from stages import download
 from stages.errors import StageError
 
@@ -70,7 +78,9 @@ def run_download(workdir: Path, **overrides) -> dict:
 
 def test_cifar_pickle_archive(workdir, pickle_archive):
     raw = run_download(workdir, **{"data.source": str(pickle_archive)})
-    assert raw["train_images"].shape == (30 * 3, 3, 32, 32) and raw["train_images"].dtype == np.uint8
+    assert (
+        raw["train_images"].shape == (30 * 3, 3, 32, 32) and raw["train_images"].dtype == np.uint8
+    )
     assert raw["test_images"].shape == (6 * 3, 3, 32, 32)
     assert np.bincount(raw["train_labels"]).tolist() == [30, 30, 30]
     assert raw["meta"]["classes"] == CLASSES
@@ -113,7 +123,9 @@ def test_file_url_and_matching_sha256(workdir, folder_archive):
     assert raw["meta"]["sha256"] == digest
 
 
-def test_relative_path_is_relative_to_the_repository_root(workdir, folder_archive, monkeypatch, tmp_path):
+def test_relative_path_is_relative_to_the_repository_root(
+    workdir, folder_archive, monkeypatch, tmp_path
+):
     """A queued experiment runs in .dvc/tmp/exps/<tmp>; DVC_ROOT names the user's repository."""
     repo = tmp_path / "repo"
     (repo / "datasets").mkdir(parents=True)
@@ -143,7 +155,9 @@ def test_transient_server_errors_are_retried(workdir, http_server, folder_archiv
     FlakyHandler.failures = 2
     raw = run_download(workdir, **{"data.source": f"{base}/images.tar.gz"})
     assert raw["train_images"].shape == (90, 3, 32, 32)
-    assert len(FlakyHandler.requests) > 2  # both 503s were retried (torchvision probes redirects too)
+    assert (
+        len(FlakyHandler.requests) > 2
+    )  # both 503s were retried (torchvision probes redirects too)
 
 
 def test_a_missing_file_is_not_retried(workdir, http_server):
@@ -162,8 +176,11 @@ def point_official_at(monkeypatch, source: str, url: str, archive: bytes, md5: s
     md5 = md5 or hashlib.md5(archive).hexdigest()
     monkeypatch.setitem(download.OFFICIAL, source, {"url": url, "md5": md5})
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        md5s = {Path(m.name).name: hashlib.md5(tar.extractfile(m).read()).hexdigest()
-                for m in tar if m.isfile()}
+        md5s = {
+            Path(m.name).name: hashlib.md5(tar.extractfile(m).read()).hexdigest()
+            for m in tar
+            if m.isfile()
+        }
     cls = CIFAR10 if source == "cifar10" else CIFAR100
     monkeypatch.setattr(cls, "train_list", [[name, md5s[name]] for name, _ in cls.train_list])
     monkeypatch.setattr(cls, "test_list", [[name, md5s[name]] for name, _ in cls.test_list])
@@ -190,8 +207,11 @@ def test_official_cifar10_code_path(workdir, http_server, pickle_archive, monkey
 
 def test_offline_official_download_fails_with_one_line(workdir, monkeypatch):
     # Port 9 on loopback: nothing listens, so the connection is refused, as offline.
-    monkeypatch.setitem(download.OFFICIAL, "cifar10", {
-        "url": "http://127.0.0.1:9/cifar-10-python.tar.gz", "md5": "0" * 32})
+    monkeypatch.setitem(
+        download.OFFICIAL,
+        "cifar10",
+        {"url": "http://127.0.0.1:9/cifar-10-python.tar.gz", "md5": "0" * 32},
+    )
     with pytest.raises(StageError, match="could not download .*set data.source to a local"):
         run_download(workdir, **{"data.source": "cifar10"})
     assert not (workdir / "data/downloads/cifar-10-python.tar.gz").exists()  # nothing partial left
@@ -202,7 +222,9 @@ def test_unreachable_source_exit_code_and_single_line(workdir):
     result = run_stage("download", workdir)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error (download): could not download"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error (download): could not download"), (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -239,6 +261,7 @@ def test_unreadable_image_is_named(workdir, tmp_path):
     archive = tmp_path / "bad.zip"
     make_image_folder_archive(archive, prefix="")
     import zipfile
+
     with zipfile.ZipFile(archive, "a") as zf:
         zf.writestr("train/cat/broken.png", b"not an image")
     with pytest.raises(StageError, match="cannot read image 'train/cat/broken.png'"):
@@ -280,6 +303,7 @@ def test_empty_class_is_named(workdir, tmp_path, kind):
 
 # --- broken transfers: nothing partial stays, short transfers are retried ----------------------
 
+
 @pytest.fixture
 def broken_server():
     """serve(body, short=N, stall=False, name=...) -> (URL, request log): a loopback server whose
@@ -287,8 +311,9 @@ def broken_server():
     stall, every answer sends half and then hangs until the test is over."""
     servers, release = [], threading.Event()
 
-    def serve(body: bytes, short: int = 0, stall: bool = False,
-              name: str = "data.tar.gz") -> tuple[str, list[str]]:
+    def serve(
+        body: bytes, short: int = 0, stall: bool = False, name: str = "data.tar.gz"
+    ) -> tuple[str, list[str]]:
         requests: list[str] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -325,15 +350,18 @@ def downloads(workdir: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-def test_short_transfers_fail_after_retries_and_leave_nothing(workdir, broken_server, folder_archive):
+def test_short_transfers_fail_after_retries_and_leave_nothing(
+    workdir, broken_server, folder_archive
+):
     url, requests = broken_server(folder_archive.read_bytes(), short=99)
     write_params(workdir, **{"data.source": url})
     result = run_stage("download", workdir)  # real back-off: 1 s + 2 s
     assert result.returncode == 1
     assert "retrying in 1 s" in result.stdout and "retrying in 2 s" in result.stdout
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error (download): could not download {url} "
-                                                   "(the server sent "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error (download): could not download {url} (the server sent "
+    ), result.stderr
     assert len(requests) == download.RETRIES
     assert downloads(workdir) == []  # no `.part`, no file that looks complete
     assert not (workdir / "data/raw").exists()
@@ -345,14 +373,16 @@ def test_a_short_transfer_is_retried(workdir, broken_server, folder_archive, mon
     raw = run_download(workdir, **{"data.source": url})
     assert len(requests) == 2 and "retrying in 1 s" in capsys.readouterr().out
     assert [(workdir / "data/downloads" / name).read_bytes() for name in downloads(workdir)] == [
-        folder_archive.read_bytes()]
+        folder_archive.read_bytes()
+    ]
     local = run_download(workdir, **{"data.source": str(folder_archive)})
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
         assert np.array_equal(raw[key], local[key]), key
 
 
-def test_official_archive_failing_its_md5_is_retried_then_one_line(workdir, http_server, pickle_archive,
-                                                                    monkeypatch, capsys):
+def test_official_archive_failing_its_md5_is_retried_then_one_line(
+    workdir, http_server, pickle_archive, monkeypatch, capsys
+):
     monkeypatch.setattr(download.time, "sleep", lambda s: None)
     base, served = http_server
     (served / "cifar-10-python.tar.gz").write_bytes(pickle_archive.read_bytes())
@@ -380,8 +410,9 @@ def test_official_short_transfer_is_retried(workdir, broken_server, pickle_archi
     assert (workdir / "data/downloads/cifar-10-python.tar.gz").read_bytes() == data
 
 
-def test_a_corrupt_cached_official_archive_is_downloaded_again(workdir, http_server, pickle_archive,
-                                                               monkeypatch, capsys):
+def test_a_corrupt_cached_official_archive_is_downloaded_again(
+    workdir, http_server, pickle_archive, monkeypatch, capsys
+):
     base, served = http_server
     data = pickle_archive.read_bytes()
     (served / "cifar-10-python.tar.gz").write_bytes(data)
@@ -397,9 +428,14 @@ def test_a_corrupt_cached_official_archive_is_downloaded_again(workdir, http_ser
 def test_ctrl_c_mid_download_leaves_no_partial_file(workdir, broken_server):
     url, _ = broken_server(os.urandom(1 << 20), stall=True)  # half of it, then nothing
     write_params(workdir, **{"data.source": url})
-    proc = subprocess.Popen([sys.executable, "-m", "stages.download"], cwd=workdir,
-                            env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.download"],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while not any(p.stat().st_size for p in (workdir / "data/downloads").glob("*.part")):
@@ -417,6 +453,7 @@ def test_ctrl_c_mid_download_leaves_no_partial_file(workdir, broken_server):
 
 
 # --- archives that try to reach outside the data, or are damaged --------------------------------
+
 
 def _zip(path: Path, extra) -> Path:
     make_image_folder_archive(path, prefix="tiny/")
@@ -446,13 +483,25 @@ def _tar_symlink(tar: tarfile.TarFile) -> None:
 
 
 UNSAFE = {
-    "zip-dotdot": ("bad.zip", _zip, lambda zf: zf.writestr("tiny/../../outside.png", b"x"),
-                   "member 'tiny/../../outside.png' would land outside the extraction folder"),
-    "zip-absolute": ("bad.zip", _zip, lambda zf: zf.writestr("/abs/train/cat/0.png", b"x"),
-                     "member '/abs/train/cat/0.png' would land outside the extraction folder"),
+    "zip-dotdot": (
+        "bad.zip",
+        _zip,
+        lambda zf: zf.writestr("tiny/../../outside.png", b"x"),
+        "member 'tiny/../../outside.png' would land outside the extraction folder",
+    ),
+    "zip-absolute": (
+        "bad.zip",
+        _zip,
+        lambda zf: zf.writestr("/abs/train/cat/0.png", b"x"),
+        "member '/abs/train/cat/0.png' would land outside the extraction folder",
+    ),
     "zip-symlink": ("bad.zip", _zip, _zip_symlink, "member 'tiny/train/cat/link.png' is a link"),
-    "tar-absolute": ("bad.tar.gz", _tar, lambda tar: add_bytes(tar, "/abs/train/cat/0.png", b"x"),
-                     "member '/abs/train/cat/0.png' would land outside the extraction folder"),
+    "tar-absolute": (
+        "bad.tar.gz",
+        _tar,
+        lambda tar: add_bytes(tar, "/abs/train/cat/0.png", b"x"),
+        "member '/abs/train/cat/0.png' would land outside the extraction folder",
+    ),
     "tar-symlink": ("bad.tar.gz", _tar, _tar_symlink, "member 'tiny/train/cat/link.png' is a link"),
 }
 
@@ -474,7 +523,8 @@ def test_unsafe_member_exit_code_and_single_line(workdir, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error (download): {archive}: member 'tiny/train/cat/link.png' is a link; "
-        "links are refused (they can point outside the data)"]
+        "links are refused (they can point outside the data)"
+    ]
     assert not (workdir / "data/raw").exists()
 
 
@@ -493,7 +543,9 @@ def test_symlink_in_a_folder_source_is_refused(workdir, tmp_path, target):
     (outside / "0000.png").write_bytes((folder / "train/cat/0000.png").read_bytes())
     link = folder / "train/cat/zzz.png" if target == "file" else folder / "train/cat/zzz"
     link.symlink_to(outside / "0000.png" if target == "file" else outside)
-    with pytest.raises(StageError, match=re.escape(f"{folder}: 'train/cat/{link.name}' is a symbolic link")):
+    with pytest.raises(
+        StageError, match=re.escape(f"{folder}: 'train/cat/{link.name}' is a symbolic link")
+    ):
         run_download(workdir, **{"data.source": str(folder)})
     assert not (workdir / "data/raw").exists()
 
@@ -504,10 +556,18 @@ def test_a_folder_reached_through_a_link_is_read(workdir, tmp_path):
     assert raw["train_images"].shape == (90, 3, 32, 32)
 
 
-@pytest.mark.parametrize("name, cut", [("half.zip", "half"), ("download", "half"),  # zip magic, no suffix
-                                       ("head.tar.gz", 10)])  # gzip cut inside its first block
+@pytest.mark.parametrize(
+    "name, cut",
+    [
+        ("half.zip", "half"),
+        ("download", "half"),  # zip magic, no suffix
+        ("head.tar.gz", 10),
+    ],
+)  # gzip cut inside its first block
 def test_truncated_zip_or_gzip_is_named(workdir, tmp_path, name, cut):
-    built = make_image_folder_archive(tmp_path / ("x.tar.gz" if name.endswith(".tar.gz") else "x.zip"))
+    built = make_image_folder_archive(
+        tmp_path / ("x.tar.gz" if name.endswith(".tar.gz") else "x.zip")
+    )
     data = built.read_bytes()
     archive = tmp_path / name
     archive.write_bytes(data[: len(data) // 2 if cut == "half" else cut])
@@ -522,24 +582,34 @@ def test_a_class_missing_in_test_is_named(workdir, tmp_path):
         for name, data in image_folder_files().items():
             if not name.startswith("test/dog/"):
                 add_bytes(tar, name, data)
-    with pytest.raises(StageError, match=re.escape(f"{archive}: train/ and test/ differ in classes "
-                                                   "(missing in test/: ['dog']")):
+    with pytest.raises(
+        StageError,
+        match=re.escape(
+            f"{archive}: train/ and test/ differ in classes (missing in test/: ['dog']"
+        ),
+    ):
         run_download(workdir, **{"data.source": str(archive)})
     assert not (workdir / "data/raw").exists()
 
 
 # --- checksums: pickles only when vouched for; folders have a tree hash -------------------------
 
+
 def test_pickle_archive_without_sha256_is_not_unpickled(workdir, pickle_archive, monkeypatch):
     unpickled = []
     real = download._unpickle
-    monkeypatch.setattr(download, "_unpickle", lambda archive, name, data: unpickled.append(name)
-                        or real(archive, name, data))
+    monkeypatch.setattr(
+        download,
+        "_unpickle",
+        lambda archive, name, data: unpickled.append(name) or real(archive, name, data),
+    )
     digest = hashlib.sha256(pickle_archive.read_bytes()).hexdigest()
     with pytest.raises(StageError) as error:
         run_download(workdir, **{"data.source": str(pickle_archive), "data.sha256": None})
-    assert str(error.value) == (f"{pickle_archive} holds pickled CIFAR batches, and unpickling can run "
-                                f"code: set data.sha256 to vouch for this archive (its sha256 is {digest})")
+    assert str(error.value) == (
+        f"{pickle_archive} holds pickled CIFAR batches, and unpickling can run "
+        f"code: set data.sha256 to vouch for this archive (its sha256 is {digest})"
+    )
     assert unpickled == [] and not (workdir / "data/raw").exists()
 
     raw = run_download(workdir, **{"data.source": str(pickle_archive), "data.sha256": digest})
@@ -551,7 +621,9 @@ def test_folder_tree_hash(workdir, tmp_path):
     first, second = write_folder(tmp_path / "first"), write_folder(tmp_path / "second")
     tree = download.tree_sha256(first)
     assert tree == download.tree_sha256(second)  # same files, other place, other timestamps
-    lines = "".join(f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\n" for name in sorted(files))
+    lines = "".join(
+        f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\n" for name in sorted(files)
+    )
     assert tree == hashlib.sha256(lines.encode()).hexdigest()  # the definition in the docstring
 
     raw = run_download(workdir, **{"data.source": str(first), "data.sha256": tree})
@@ -574,23 +646,40 @@ FINE = ["apple", "bee", "castle", "dolphin"]
 
 def make_cifar100_archive(path: Path, train_per_class: int = 5, test_per_class: int = 2) -> Path:
     """A .tar.gz in the official CIFAR-100 python layout: train, test and meta pickles."""
+
     def batch(per_class: int, seed: int) -> dict:
         images = np.concatenate([class_images(per_class, c, seed) for c in range(len(FINE))])
         labels = np.repeat(np.arange(len(FINE)), per_class)
-        return {b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1),
-                b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 2).tolist()}
+        return {
+            b"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1),
+            b"fine_labels": labels.tolist(),
+            b"coarse_labels": (labels // 2).tolist(),
+        }
 
     with tarfile.open(path, "w:gz") as tar:
         add_bytes(tar, "cifar-100-python/train", pickle.dumps(batch(train_per_class, seed=1)))
         add_bytes(tar, "cifar-100-python/test", pickle.dumps(batch(test_per_class, seed=2)))
-        add_bytes(tar, "cifar-100-python/meta", pickle.dumps({
-            b"fine_label_names": [c.encode() for c in FINE], b"coarse_label_names": [b"a", b"b"]}))
+        add_bytes(
+            tar,
+            "cifar-100-python/meta",
+            pickle.dumps(
+                {
+                    b"fine_label_names": [c.encode() for c in FINE],
+                    b"coarse_label_names": [b"a", b"b"],
+                }
+            ),
+        )
     return path
 
 
 def check_cifar100(raw: dict) -> None:
     assert raw["meta"]["format"] == "cifar-pickle" and raw["meta"]["classes"] == FINE
-    assert raw["train_images"].shape == (20, 3, 32, 32) and raw["test_images"].shape == (8, 3, 32, 32)
+    assert raw["train_images"].shape == (20, 3, 32, 32) and raw["test_images"].shape == (
+        8,
+        3,
+        32,
+        32,
+    )
     assert np.bincount(raw["train_labels"]).tolist() == [5, 5, 5, 5]  # fine labels, not coarse
     for cls in range(3):  # the colour encodes the class: labels still point at their images
         assert raw["train_images"][raw["train_labels"] == cls][:, cls].mean() > 120
@@ -598,7 +687,9 @@ def check_cifar100(raw: dict) -> None:
 
 def test_local_cifar100_archive(workdir, tmp_path):
     archive = make_cifar100_archive(tmp_path / "tiny-cifar100.tar.gz")
-    check_cifar100(run_download(workdir, **{"data.source": str(archive)}))  # sha256 pinned by write_params
+    check_cifar100(
+        run_download(workdir, **{"data.source": str(archive)})
+    )  # sha256 pinned by write_params
 
 
 def test_official_cifar100_code_path(workdir, http_server, tmp_path, monkeypatch):

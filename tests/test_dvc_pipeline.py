@@ -10,10 +10,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import TINY, copy_repo, write_params
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, copy_repo, write_params
-from stages import io as sio, study
+from stages import io as sio
+from stages.experiments import study
 
 BIN = Path(sys.executable).parent  # the venv's: dvc, and the `python` that DVC's stages call
 
@@ -54,9 +55,17 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo):
     out = ok(repo, "dvc", "repro")
     for stage in ("check", "download", "augment", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
-    for path in ("data/params.ok", "data/raw/train_images.npy", "data/prepared/val_labels.npy", "models/model.pt",
-                 "metrics/train.json", "metrics/eval.json", "reports/confusion.png",
-                 "reports/augment_preview.png", "dvc.lock"):
+    for path in (
+        "data/params.ok",
+        "data/raw/train_images.npy",
+        "data/prepared/val_labels.npy",
+        "models/model.pt",
+        "metrics/train.json",
+        "metrics/eval.json",
+        "reports/confusion.png",
+        "reports/augment_preview.png",
+        "dvc.lock",
+    ):
         assert (repo / path).exists(), path
     (run,) = runs(repo)
     assert "test_accuracy" in run.data.metrics and run.data.params["train.lr"] == "0.01"
@@ -88,8 +97,12 @@ def test_a_fresh_clone_pulls_from_the_remote_and_has_nothing_to_repro(repo, tmp_
     ok(tmp_path, "git", "clone", "-q", str(repo), str(clone))
     assert not (clone / "models/model.pt").exists() and not (clone / "data/raw").exists()
     ok(clone, "dvc", "pull")
-    for path in ("models/model.pt", "data/raw/train_images.npy", "data/prepared/train_images.npy",
-                 "data/params.ok"):
+    for path in (
+        "models/model.pt",
+        "data/raw/train_images.npy",
+        "data/prepared/train_images.npy",
+        "data/params.ok",
+    ):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
     assert ok(clone, "dvc", "status").strip() == "Data and pipelines are up to date."
     out = ok(clone, "dvc", "repro")
@@ -102,11 +115,13 @@ def test_each_stage_reruns_only_for_the_params_it_reads(repo):
 
     original = (repo / "params.yaml").read_text()
     try:
-        for key, value, stages in [("augment.online", True, {"train"}),
-                                   ("augment.copies", 1, {"augment"}),
-                                   ("augment.flip", True, {"augment", "train"}),
-                                   ("evaluate.max_gap", 0.2, {"evaluate"}),
-                                   ("data.image_size", 40, {"download"})]:
+        for key, value, stages in [
+            ("augment.online", True, {"train"}),
+            ("augment.copies", 1, {"augment"}),
+            ("augment.flip", True, {"augment", "train"}),
+            ("evaluate.max_gap", 0.2, {"evaluate"}),
+            ("data.image_size", 40, {"download"}),
+        ]:
             section, name = key.split(".")
             params = yaml.safe_load(original)
             params[section][name] = value
@@ -140,19 +155,30 @@ def test_exp_run_with_a_param_adds_a_second_run(repo):
     assert "test_accuracy" in second.data.metrics
 
 
-@pytest.mark.parametrize("override, message", [
-    ("+train.lrr=0.1", "unknown key 'train.lrr'"),  # '+' adds a key; without it DVC refuses
-    ("train.lr=-1", "train.lr = -1: Input should be greater than 0"),
-    ("data.val_fraction=1.5", "data.val_fraction = 1.5: Input should be less than 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+train.lrr=0.1", "unknown key 'train.lrr'"),  # '+' adds a key; without it DVC refuses
+        ("train.lr=-1", "train.lr = -1: Input should be greater than 0"),
+        ("data.val_fraction=1.5", "data.val_fraction = 1.5: Input should be less than 1"),
+    ],
+)
 def test_bad_params_stop_before_any_output_is_touched(repo, override, message):
-    outputs = ["data/raw/train_images.npy", "data/prepared/train_images.npy", "models/model.pt",
-               "metrics/train.json", "metrics/eval.json"]
+    outputs = [
+        "data/raw/train_images.npy",
+        "data/prepared/train_images.npy",
+        "models/model.pt",
+        "metrics/train.json",
+        "metrics/eval.json",
+    ]
     before = {path: (repo / path).read_bytes() for path in outputs}
     result = sh(repo, "dvc", "exp", "run", "-S", override)
     assert result.returncode != 0
     assert f"error (check): params.yaml: {message}" in result.stderr + result.stdout
-    assert "Running stage 'train'" not in result.stdout and "Running stage 'download'" not in result.stdout
+    assert (
+        "Running stage 'train'" not in result.stdout
+        and "Running stage 'download'" not in result.stdout
+    )
     for path, data in before.items():
         assert (repo / path).read_bytes() == data, path
     ok(repo, "git", "checkout", "params.yaml")
@@ -170,9 +196,27 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
     ok(repo, "git", "commit", "-q", "--allow-empty", "-m", "before the queue")
     rows = ["baseline", "dropout", "l2"]
     try:
-        out = ok(repo, "python", "-m", "stages.study", "run", "--rows", ",".join(rows), "--seeds", "0",
-                 "--jobs", "2", "--prefix", "tiny", "--out", "reports/tiny-study.md",
-                 "--set", "train.epochs=3", "--set", "data.train_size=null")
+        out = ok(
+            repo,
+            "python",
+            "-m",
+            "stages.experiments.study",
+            "run",
+            "--rows",
+            ",".join(rows),
+            "--seeds",
+            "0",
+            "--jobs",
+            "2",
+            "--prefix",
+            "tiny",
+            "--out",
+            "reports/tiny-study.md",
+            "--set",
+            "train.epochs=3",
+            "--set",
+            "data.train_size=null",
+        )
     finally:
         sh(repo, "dvc", "queue", "stop", "--kill")
     assert "Failed" not in ok(repo, "dvc", "queue", "status")
@@ -184,13 +228,22 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
     for row, name in zip(rows, names):
         run = by_name[name]
         assert run.info.run_name == name and run.info.status == "FINISHED"
-        expected = study.overrides(row, 0, None, None, extra={"train.epochs": 3, "data.train_size": None})
+        expected = study.overrides(
+            study.load_grid("regularization"),
+            row,
+            0,
+            extra={"train.epochs": 3, "data.train_size": None},
+        )
         for key, value in expected.items():
             assert run.data.params[key] == str(value), key
         assert run.data.tags["dvc.baseline_rev"] == head
         assert run.data.tags["data.sha256"] == sio.sha256_of(pickle_archive)
         assert len(run.data.tags["params_hash"]) == 16
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [
+            1,
+            2,
+            3,
+        ]
         assert "test_accuracy" in run.data.metrics and "verdict" in run.data.tags
     assert len({by_name[n].data.tags["params_hash"] for n in names}) == 3
     assert not (repo / "data/mlflow-missed").exists()  # nothing had to be journaled
@@ -199,7 +252,9 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
     assert all(t <= cores for t in threads)
     if study.workers_that_died_starting(repo):  # DVC's own start-up race (treeverse/dvc-task#73)
         assert "died at start" in out  # said so; the other worker ran every experiment
-        warnings.warn("a DVC queue worker died at start: the runs were not parallel this time")
+        warnings.warn(
+            "a DVC queue worker died at start: the runs were not parallel this time", stacklevel=1
+        )
     else:
         # The two workers really ran at the same time: some two runs overlap ...
         spans = sorted((by_name[n].info.start_time, by_name[n].info.end_time) for n in names)
@@ -208,7 +263,10 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
         assert max(1, cores // 2) in threads
 
     table = (repo / "reports/tiny-study.md").read_text()
-    assert all(f"| {row} |" in table for row in rows) and "| dropout | model.dropout=0.5 | 1 |" in table
+    assert (
+        all(f"| {row} |" in table for row in rows)
+        and "| dropout | model.dropout=0.5 | 1 |" in table
+    )
     assert table in out  # printed too
     report = (repo / "reports/comparison.md").read_text()
     assert all(f"| {name} |" in report for name in names)
@@ -222,24 +280,35 @@ def test_sigkill_during_repro_then_repro_resumes_bit_identically(repo):
     """DVC deletes a stage's outputs before running it; the checkpoint in data/checkpoints/ is not
     one of them, so the next `dvc repro` resumes and ends with the same bytes."""
     import signal
-    import yaml
 
+    import yaml
     from conftest import wait_for_checkpoint
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["epochs"] = 20  # tiny epochs: long enough to be killed part-way
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     ok(repo, "dvc", "repro")  # the uninterrupted reference
-    outputs = ("models/model.pt", "metrics/train.json", "reports/train_curves.csv", "metrics/eval.json")
+    outputs = (
+        "models/model.pt",
+        "metrics/train.json",
+        "reports/train_curves.csv",
+        "metrics/eval.json",
+    )
     expected = {path: (repo / path).read_bytes() for path in outputs}
     before = len(runs(repo))
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     for var in ("DVC_ROOT", "DVC_EXP_NAME", "MLFLOW_TRACKING_URI"):
         env.pop(var, None)
-    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", "train"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     wait_for_checkpoint(repo, 3, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # DVC and the stage it runs, at once
     proc.wait()
@@ -253,7 +322,10 @@ def test_sigkill_during_repro_then_repro_resumes_bit_identically(repo):
     resumed = runs(repo)[-1]
     assert len(runs(repo)) == before + 1  # the killed run was continued, not restarted
     history = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_metric_history(
-        resumed.info.run_id, "val_accuracy")
-    assert sorted(m.step for m in history) == list(range(1, 21)) and resumed.info.status == "FINISHED"
+        resumed.info.run_id, "val_accuracy"
+    )
+    assert (
+        sorted(m.step for m in history) == list(range(1, 21)) and resumed.info.status == "FINISHED"
+    )
     assert resumed.info.run_id == json.loads((repo / "models/run.json").read_text())["run_id"]
     assert "test_accuracy" in resumed.data.metrics  # evaluate logged into the resumed run

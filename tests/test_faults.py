@@ -9,15 +9,19 @@ import signal
 import mlflow
 import pytest
 import torch
+from conftest import TINY, finish, start_train, wait_for_checkpoint, write_params
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, finish, start_train, wait_for_checkpoint, write_params
-from stages import errors, io as sio, tracking
+from stages import errors, io as sio
+from stages.tracking import replay, runs
 
-def runs(cwd):
+
+def mlflow_runs(cwd):
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("overfitting")
-    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time ASC"]
+    )
 
 
 # SIGKILL in the middle of `dvc repro`, and the resume: tests/test_dvc_pipeline.py
@@ -29,8 +33,10 @@ def test_sigterm_marks_the_run_killed_and_leaves_a_checkpoint(prepared):
     proc.send_signal(signal.SIGTERM)
     result = finish(proc)
     assert result.returncode == 130
-    assert result.stderr.strip().splitlines()[-1] == "error (train): interrupted; run again to resume"
-    client, (run,) = runs(prepared)
+    assert (
+        result.stderr.strip().splitlines()[-1] == "error (train): interrupted; run again to resume"
+    )
+    client, (run,) = mlflow_runs(prepared)
     assert run.info.status == "KILLED"
     assert checkpoint.exists()
 
@@ -39,7 +45,7 @@ def test_sigterm_marks_the_run_killed_and_leaves_a_checkpoint(prepared):
     other = finish(start_train(prepared))
     assert other.returncode == 0 and "resuming" not in other.stdout
     assert checkpoint.exists()  # still there for its own params
-    assert len(runs(prepared)[1]) == 2
+    assert len(mlflow_runs(prepared)[1]) == 2
 
 
 def test_an_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -83,12 +89,13 @@ def test_an_interrupt_waits_for_the_end_of_the_mlflow_call(sigterm_as_in_a_stage
         done.append("the rest of the call")
 
     with pytest.raises(KeyboardInterrupt):
-        tracking._call(send, lambda: {})
+        runs._call(send, lambda: {})
     assert done == ["the rest of the call"]
 
 
-def test_sigterm_inside_a_sqlite_write_still_ends_the_run_killed(tmp_path, monkeypatch,
-                                                                  sigterm_as_in_a_stage):
+def test_sigterm_inside_a_sqlite_write_still_ends_the_run_killed(
+    tmp_path, monkeypatch, sigterm_as_in_a_stage
+):
     """Cut in half, a write is lost, or worse, leaves its transaction open and the store locked:
     then the run cannot be marked KILLED and stays RUNNING (seen in CI; 2 SIGTERMs in 15 did
     it in a loop of logging calls)."""
@@ -99,7 +106,7 @@ def test_sigterm_inside_a_sqlite_write_still_ends_the_run_killed(tmp_path, monke
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     mlflow.set_tracking_uri(uri)
-    run = mlflow.start_run(experiment_id=tracking._experiment_id("x", uri))
+    run = mlflow.start_run(experiment_id=runs._experiment_id("x", uri))
 
     def sigterm_in_the_write(conn, cursor, statement, *args):
         if statement.startswith("INSERT INTO metrics"):
@@ -108,11 +115,11 @@ def test_sigterm_inside_a_sqlite_write_still_ends_the_run_killed(tmp_path, monke
     event.listen(Engine, "before_cursor_execute", sigterm_in_the_write)
     try:
         with pytest.raises(KeyboardInterrupt):
-            with tracking._ended_by_outcome(run):
-                tracking.log_metrics({"loss": 1.0}, step=1)
+            with runs._ended_by_outcome(run):
+                runs.log_metrics({"loss": 1.0}, step=1)
     finally:
         event.remove(Engine, "before_cursor_execute", sigterm_in_the_write)
     finished = MlflowClient(uri).get_run(run.info.run_id)
     assert finished.info.status == "KILLED"
     assert finished.data.metrics == {"loss": 1.0}
-    assert not (tmp_path / tracking.MISSED).exists()
+    assert not (tmp_path / replay.MISSED).exists()

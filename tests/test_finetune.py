@@ -11,14 +11,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, write_params
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import TINY, write_params
-from stages import augment, download, efficientnet_lite, evaluate, io as sio, models, params as P, pretrained, regularize, train
+from stages import augment, download, evaluate, io as sio, params as P, regularize, train
 from stages.errors import ParamsError, StageError
+from stages.networks import efficientnet_lite, freeze, small, weights
+from stages.networks.build import Normalized, build_model
 
-SAMPLES = Path(matplotlib.__file__).parent / "mpl-data/sample_data"  # photos that ship with matplotlib
+SAMPLES = (
+    Path(matplotlib.__file__).parent / "mpl-data/sample_data"
+)  # photos that ship with matplotlib
 MILITARY_UNIFORM = 652  # ImageNet's class for the portrait of Grace Hopper in her uniform
 
 
@@ -35,9 +39,9 @@ def lite0(weights: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     net = efficientnet_lite.EfficientNetLite0()
     if weights:
-        state, _ = pretrained.load_weights("imagenet", "efficientnet_lite0", "unused")
+        state, _ = weights.load_weights("imagenet", "efficientnet_lite0", "unused")
         net.load_state_dict(state, strict=True)  # every key, every shape
-    return models.Normalized(net, efficientnet_lite.MEAN, efficientnet_lite.STD).eval()
+    return Normalized(net, efficientnet_lite.MEAN, efficientnet_lite.STD).eval()
 
 
 def test_lite0_imagenet_weights_load_strictly_and_recognize_a_photo():
@@ -51,7 +55,9 @@ def test_lite0_features_are_imagenet_features():
     """Two views of one photo (a crop, a flip) are closer than two different photos: by far with
     the ImageNet weights, hardly at all with random weights."""
     photos = torch.cat([photo("grace_hopper.jpg"), photo("Minduka_Present_Blue_Pack.png")])
-    other_view = torch.flip(F.interpolate(photos[..., 16:-16, 16:-16], size=224, mode="bilinear"), [-1])
+    other_view = torch.flip(
+        F.interpolate(photos[..., 16:-16, 16:-16], size=224, mode="bilinear"), [-1]
+    )
 
     def features(model, x):
         model.net._fc = torch.nn.Identity()  # the 1,280 pooled features
@@ -59,12 +65,12 @@ def test_lite0_features_are_imagenet_features():
             return F.normalize(model(x), dim=1)
 
     gaps = {}
-    for weights in (True, False):
-        model = lite0(weights)
+    for pretrained in (True, False):
+        model = lite0(pretrained)
         a, b = features(model, photos), features(model, other_view)
         same = (a * b).sum(1).mean().item()  # cosine similarity of two views of one photo
         different = (a[0] * a[1]).sum().item()  # ... of the two photos
-        gaps[weights] = same - different
+        gaps[pretrained] = same - different
     assert gaps[True] > 0.4
     assert gaps[False] < 0.1
 
@@ -82,7 +88,7 @@ def test_imagenet_uses_torchvisions_weights_file(tmp_path, monkeypatch):
     expected = torchvision.models.resnet18().state_dict()
     torch.save(expected, cached)
 
-    state, info = pretrained.load_weights("imagenet", "resnet18", "unused")
+    state, info = weights.load_weights("imagenet", "resnet18", "unused")
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
     assert info == {"name": "resnet18", "source": "imagenet", "sha256": sio.sha256_of(cached)}
@@ -95,9 +101,12 @@ def test_a_failed_download_is_one_clear_error(tmp_path, monkeypatch):
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(StageError, match=r"could not download mobilenet_v3_small's ImageNet "
-                                         r"weights .* set model.pretrained to its path"):
-        pretrained.load_weights("imagenet", "mobilenet_v3_small", "unused")
+    with pytest.raises(
+        StageError,
+        match=r"could not download mobilenet_v3_small's ImageNet "
+        r"weights .* set model.pretrained to its path",
+    ):
+        weights.load_weights("imagenet", "mobilenet_v3_small", "unused")
 
 
 class Exploit:
@@ -109,35 +118,35 @@ def test_a_checkpoint_holding_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"conv1.weight": Exploit()}, tmp_path / "evil.pt")
     with pytest.raises(StageError, match="not a plain PyTorch state dict.*refused"):
-        pretrained.load_weights(str(tmp_path / "evil.pt"), "net", "unused")
+        weights.load_weights(str(tmp_path / "evil.pt"), "net", "unused")
     assert not (tmp_path / "pwned").exists()
 
 
 def test_loading_is_strict(tmp_path):
-    state = models.Net(10).state_dict()
+    state = small.Net(10).state_dict()
     del state["conv2.bias"]
     state["extra.weight"] = torch.zeros(1)
-    net = models.Net(3)
+    net = small.Net(3)
     with pytest.raises(StageError, match=r"1 missing \(e.g. conv2.bias\), 1 unexpected"):
-        pretrained.load_into(net, state, "net")
-    wider = models.Net(10, width=2).state_dict()
+        weights.load_into(net, state, "net")
+    wider = small.Net(10, width=2).state_dict()
     with pytest.raises(StageError, match="of another shape"):
-        pretrained.load_into(net, wider, "net")
+        weights.load_into(net, wider, "net")
 
 
 def test_the_head_is_new_and_sized_for_the_target_classes():
     torch.manual_seed(0)
-    source = models.Net(10)
-    target = models.Net(3)
+    source = small.Net(10)
+    target = small.Net(3)
     head_before = target.fc3.weight.clone()
-    loaded = pretrained.load_into(target, source.state_dict(), "net")
+    loaded = weights.load_into(target, source.state_dict(), "net")
     assert "fc3.weight" not in loaded and target.fc3.weight.shape == (3, 84)
     assert torch.equal(target.fc3.weight, head_before)
     assert torch.equal(target.conv1.weight, source.conv1.weight)
 
 
 def test_l2_sp_is_zero_at_the_start_and_grows_with_the_distance():
-    net = models.Net(3)
+    net = small.Net(3)
     start = {k: p.detach().clone() for k, p in net.named_parameters()}
     assert regularize.l2_sp_penalty(net, start).item() == 0
     penalties = []
@@ -147,45 +156,46 @@ def test_l2_sp_is_zero_at_the_start_and_grows_with_the_distance():
                 p.copy_(start[k] + step)
         penalties.append(regularize.l2_sp_penalty(net, start).item())
     weights = sum(p.numel() for p in net.parameters() if p.ndim > 1)
-    assert penalties[0] == pytest.approx(weights * 0.01 ** 2, rel=1e-4)
+    assert penalties[0] == pytest.approx(weights * 0.01**2, rel=1e-4)
     assert penalties[1] == pytest.approx(4 * penalties[0], rel=1e-4)  # quadratic in the distance
 
 
 def test_freeze_all_but_last_n_leaves_the_last_blocks_and_the_head():
-    net = models.Net(3)
-    frozen = {id(p) for p in pretrained.frozen_parameters(net, "net", "all_but_last_1")}
+    net = small.Net(3)
+    frozen = {id(p) for p in freeze.frozen_parameters(net, "net", "all_but_last_1")}
     assert frozen == {id(p) for m in (net.conv1, net.conv2, net.fc1) for p in m.parameters()}
-    assert len(pretrained.frozen_parameters(net, "net", "backbone")) == 8  # 4 blocks × (w, b)
-    assert pretrained.frozen_parameters(net, "net", "none") == []
+    assert len(freeze.frozen_parameters(net, "net", "backbone")) == 8  # 4 blocks × (w, b)
+    assert freeze.frozen_parameters(net, "net", "none") == []
     with pytest.raises(StageError, match="net has only 4 blocks"):
-        pretrained.frozen_parameters(net, "net", "all_but_last_5")
+        freeze.frozen_parameters(net, "net", "all_but_last_5")
 
 
 @pytest.mark.parametrize("name", P.BACKBONES)
 def test_every_backbone_builds_resizes_and_freezes(name):
-    params = P.parse({"model": {"name": name, "input_size": 64, "freeze": "all_but_last_2",
-                                "freeze_bn": True}})
-    model = models.build(params, num_classes=3, image_size=32)
+    params = P.parse(
+        {"model": {"name": name, "input_size": 64, "freeze": "all_but_last_2", "freeze_bn": True}}
+    )
+    model = build_model(params, num_classes=3, image_size=32)
     seen = []
     model.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
     model.train()(torch.rand(2, 3, 32, 32)).sum().backward()
     assert seen == [(2, 3, 64, 64)]
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    frozen = pretrained.frozen_parameters(model.net, name, params.model.freeze)
+    frozen = freeze.frozen_parameters(model.net, name, params.model.freeze)
     trainable = [p for p in model.parameters() if all(p is not f for f in frozen)]
     assert frozen and trainable
 
 
 def test_freeze_bn_keeps_the_statistics_in_training():
     params = P.parse({"model": {"name": "cnn", "batch_norm": True, "freeze_bn": True}})
-    model = models.build(params, 3, 32)
+    model = build_model(params, 3, 32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()(torch.rand(8, 3, 32, 32) * 5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_discriminative_learning_rates():
-    model = models.Net(3)
+    model = small.Net(3)
     optimizer = train.make_optimizer(P.Train(lr=0.1, backbone_lr_mult=0.1), model, model.fc3)
     backbone, head = optimizer.param_groups
     assert head["lr"] == 0.1 and backbone["lr"] == pytest.approx(0.01)
@@ -193,17 +203,26 @@ def test_discriminative_learning_rates():
     assert len(backbone["params"]) + len(head["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"train": {"l2_sp": 0.01}}, "train.l2_sp needs pretrained weights"),
-    ({"model": {"name": "net", "pretrained": "imagenet"}}, "no ImageNet weights for net"),
-    ({"model": {"name": "resnet18", "width": 2}}, "model.width = 2.0 applies to net and cnn and resnet9"),
-    ({"model": {"name": "net", "depth": 4}}, "model.depth = 4 applies to cnn, not to net"),
-    ({"model": {"name": "resnet18"}, "data": {"normalize": "dataset"}}, "data.normalize = dataset"),
-    ({"model": {"freeze": "none"}, "train": {"unfreeze_at_epoch": 3}}, "nothing to unfreeze"),
-    ({"model": {"freeze": "all_but_last_x"}}, "model.freeze = 'all_but_last_x'"),
-    ({"model": {"name": "resnet50"}}, "model.name = 'resnet50'"),
-    ({"model": {"name": "net", "freeze_bn": True}}, "net has no batch norm"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"train": {"l2_sp": 0.01}}, "train.l2_sp needs pretrained weights"),
+        ({"model": {"name": "net", "pretrained": "imagenet"}}, "no ImageNet weights for net"),
+        (
+            {"model": {"name": "resnet18", "width": 2}},
+            "model.width = 2.0 applies to net and cnn and resnet9",
+        ),
+        ({"model": {"name": "net", "depth": 4}}, "model.depth = 4 applies to cnn, not to net"),
+        (
+            {"model": {"name": "resnet18"}, "data": {"normalize": "dataset"}},
+            "data.normalize = dataset",
+        ),
+        ({"model": {"freeze": "none"}, "train": {"unfreeze_at_epoch": 3}}, "nothing to unfreeze"),
+        ({"model": {"freeze": "all_but_last_x"}}, "model.freeze = 'all_but_last_x'"),
+        ({"model": {"name": "resnet50"}}, "model.name = 'resnet50'"),
+        ({"model": {"name": "net", "freeze_bn": True}}, "net has no batch norm"),
+    ],
+)
 def test_fine_tuning_params_that_mean_nothing_are_refused(change, message):
     with pytest.raises(ParamsError, match=message):
         P.parse(change)
@@ -221,32 +240,47 @@ def test_fine_tuning_lite0_trains_only_the_head_and_can_start_the_next_run(tiny_
     """A linear probe of the real ImageNet weights: after training, every backbone tensor is
     bit-identical to the pretrained one; the head changed. Its MLflow model then starts a second
     run (model.pretrained = runs:/<id>/model) with the same backbone weights."""
-    write_params(tiny_data, **{**TINY, "data.source": "unused", "model.name": "efficientnet_lite0",
-                               "model.pretrained": "imagenet", "model.freeze": "backbone",
-                               "train.epochs": 2, "train.lr": 0.05})
+    write_params(
+        tiny_data,
+        **{
+            **TINY,
+            "data.source": "unused",
+            "model.name": "efficientnet_lite0",
+            "model.pretrained": "imagenet",
+            "model.freeze": "backbone",
+            "train.epochs": 2,
+            "train.lr": 0.05,
+        },
+    )
     train.main()
     evaluate.main()  # the evaluate stage rebuilds the fine-tuned model from its params
     assert 0 <= json.loads(evaluate.METRICS.read_text())["test_accuracy"] <= 1
     state = sio.load_torch(train.MODEL)["state_dict"]
-    imagenet, info = pretrained.load_weights("imagenet", "efficientnet_lite0", "unused")
+    imagenet, info = weights.load_weights("imagenet", "efficientnet_lite0", "unused")
     backbone = [k for k in imagenet if not k.startswith("_fc.")]
-    assert all(torch.equal(state["net." + k], imagenet[k]) for k in backbone
-               if "running" not in k and "num_batches" not in k)
+    assert all(
+        torch.equal(state["net." + k], imagenet[k])
+        for k in backbone
+        if "running" not in k and "num_batches" not in k
+    )
     torch.manual_seed(0)  # the head as it was initialized
     params = P.load()
-    initial = models.build(params, 3, 32).state_dict()
+    initial = build_model(params, 3, 32).state_dict()
     assert not torch.equal(state["net._fc.weight"], initial["net._fc.weight"])
 
     run_id = json.loads(train.RUN.read_text())["run_id"]
     uri = f"sqlite:///{tiny_data / 'mlflow.db'}"
     run = MlflowClient(uri).get_run(run_id)
-    assert run.data.tags["pretrained.sha256"] == info["sha256"] == sio.sha256_of(
-        Path(efficientnet_lite.weights_file()))
+    assert (
+        run.data.tags["pretrained.sha256"]
+        == info["sha256"]
+        == sio.sha256_of(Path(efficientnet_lite.weights_file()))
+    )
     assert run.data.tags["pretrained.source"] == "imagenet"
     assert run.data.metrics["trainable_parameters"] == 1280 * 3 + 3
     assert run.data.metrics["num_parameters"] > 3_000_000
 
-    from_run, run_info = pretrained.load_weights(f"runs:/{run_id}/model", "efficientnet_lite0", uri)
+    from_run, run_info = weights.load_weights(f"runs:/{run_id}/model", "efficientnet_lite0", uri)
     assert from_run.keys() == {k[4:] for k in state if k.startswith("net.")}
     assert all(torch.equal(from_run[k], state["net." + k]) for k in from_run)
     assert run_info["source"] == f"runs:/{run_id}/model"
@@ -254,10 +288,12 @@ def test_fine_tuning_lite0_trains_only_the_head_and_can_start_the_next_run(tiny_
 
     mlflow.set_tracking_uri(uri)
     version = mlflow.register_model(f"runs:/{run_id}/model", "lite0-probe").version
-    from_registry, _ = pretrained.load_weights(f"models:/lite0-probe/{version}", "efficientnet_lite0", uri)
+    from_registry, _ = weights.load_weights(
+        f"models:/lite0-probe/{version}", "efficientnet_lite0", uri
+    )
     assert all(torch.equal(from_registry[k], from_run[k]) for k in from_run)
     with pytest.raises(StageError, match="holds a efficientnet_lite0, but model.name is resnet18"):
-        pretrained.load_weights(f"runs:/{run_id}/model", "resnet18", uri)
+        weights.load_weights(f"runs:/{run_id}/model", "resnet18", uri)
 
 
 def test_l2_sp_and_gradual_unfreezing_in_the_stage(tiny_data):
@@ -266,12 +302,21 @@ def test_l2_sp_and_gradual_unfreezing_in_the_stage(tiny_data):
     train.main()
     weights = tiny_data / "pretrained.pt"
     weights.write_bytes(train.MODEL.read_bytes())
-    write_params(tiny_data, **{**TINY, "data.source": "unused", "model.pretrained": str(weights),
-                               "model.freeze": "backbone", "train.unfreeze_at_epoch": 2,
-                               "train.l2_sp": 0.01, "train.epochs": 2})
+    write_params(
+        tiny_data,
+        **{
+            **TINY,
+            "data.source": "unused",
+            "model.pretrained": str(weights),
+            "model.freeze": "backbone",
+            "train.unfreeze_at_epoch": 2,
+            "train.l2_sp": 0.01,
+            "train.epochs": 2,
+        },
+    )
     train.main()
     run_id = json.loads(train.RUN.read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{tiny_data / 'mlflow.db'}")
     trainable = {m.step: m.value for m in client.get_metric_history(run_id, "trainable_parameters")}
-    assert trainable == {1: 84 * 3 + 3, 2: sum(p.numel() for p in models.Net(3).parameters())}
+    assert trainable == {1: 84 * 3 + 3, 2: sum(p.numel() for p in small.Net(3).parameters())}
     assert client.get_run(run_id).data.tags["pretrained.source"] == str(weights)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import REPO, run_stage, write_params
+
 from stages import params as P
 from stages.errors import ParamsError
 
@@ -16,11 +16,17 @@ def test_repository_params_are_valid():
 
 
 def test_unknown_key_names_the_key_its_value_and_what_is_allowed():
-    with pytest.raises(ParamsError, match=r"^params.yaml: unknown key 'train.lrr' = 0.1 "
-                                          r"\(allowed here: epochs, batch_size"):
+    with pytest.raises(
+        ParamsError,
+        match=r"^params.yaml: unknown key 'train.lrr' = 0.1 "
+        r"\(allowed here: epochs, batch_size",
+    ):
         P.parse({"train": {"lrr": 0.1}})
-    with pytest.raises(ParamsError, match=r"^params.yaml: unknown key 'train.early_stopping.patient' = "
-                                          r"'3' \(allowed here: enabled, monitor, patience,"):
+    with pytest.raises(
+        ParamsError,
+        match=r"^params.yaml: unknown key 'train.early_stopping.patient' = "
+        r"'3' \(allowed here: enabled, monitor, patience,",
+    ):
         P.parse({"train": {"early_stopping": {"patient": "3"}}})
 
 
@@ -33,52 +39,85 @@ def test_a_long_value_is_cut_short_on_its_one_line():
     assert "…" in message and "\n" not in message and len(message) < 250
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"train": {"lr": -1}}, r"train.lr = -1: Input should be greater than 0"),
-    ({"data": {"val_fraction": 1.0}}, r"data.val_fraction = 1.0: Input should be less than 1"),
-    ({"train": {"optimizer": "adagrad"}}, r"train.optimizer = 'adagrad': Input should be 'sgd'"),
-    ({"model": {"name": "vgg"}}, r"model.name = 'vgg': Input should be 'net'"),
-    ({"train": {"epochs": "ten"}}, r"train.epochs = 'ten': Input should be a valid integer"),
-    ({"train": {"epochs": "0x10"}}, r"train.epochs = '0x10': Input should be a valid integer"),
-    ({"train": {"epochs": "1.5"}}, r"train.epochs = '1.5': Input should be a valid integer"),
-    ({"train": {"lr": "0x10"}}, r"train.lr = '0x10': Input should be a valid number"),
-    ({"train": {"lr": "ten"}}, r"train.lr = 'ten': Input should be a valid number"),
-    ({"data": {"sha256": "abc"}}, r"data.sha256 = 'abc': String should match pattern"),
-    ({"model": {"dropout": 1.0}}, r"model.dropout = 1.0: Input should be less than 1"),
-    ({"train": {"early_stopping": {"monitor": "val_acc"}}},
-     r"train.early_stopping.monitor = 'val_acc': Input should be 'val_loss' or 'val_accuracy'"),
-    # YAML reads `true` as a bool, which lax validation would take for 1 (or 0 for false)
-    ({"train": {"epochs": True}}, r"train.epochs = True: Input should be a number, not a boolean"),
-    ({"train": {"lr": False}}, r"train.lr = False: Input should be a number, not a boolean"),
-    ({"data": {"train_size": True}}, r"data.train_size = True: Input should be a number, not a boolean"),
-    ({"seed": False}, r"seed = False: Input should be a number, not a boolean"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"train": {"lr": -1}}, r"train.lr = -1: Input should be greater than 0"),
+        ({"data": {"val_fraction": 1.0}}, r"data.val_fraction = 1.0: Input should be less than 1"),
+        (
+            {"train": {"optimizer": "adagrad"}},
+            r"train.optimizer = 'adagrad': Input should be 'sgd'",
+        ),
+        ({"model": {"name": "vgg"}}, r"model.name = 'vgg': Input should be 'net'"),
+        ({"train": {"epochs": "ten"}}, r"train.epochs = 'ten': Input should be a valid integer"),
+        ({"train": {"epochs": "0x10"}}, r"train.epochs = '0x10': Input should be a valid integer"),
+        ({"train": {"epochs": "1.5"}}, r"train.epochs = '1.5': Input should be a valid integer"),
+        ({"train": {"lr": "0x10"}}, r"train.lr = '0x10': Input should be a valid number"),
+        ({"train": {"lr": "ten"}}, r"train.lr = 'ten': Input should be a valid number"),
+        ({"data": {"sha256": "abc"}}, r"data.sha256 = 'abc': String should match pattern"),
+        ({"model": {"dropout": 1.0}}, r"model.dropout = 1.0: Input should be less than 1"),
+        (
+            {"train": {"early_stopping": {"monitor": "val_acc"}}},
+            r"train.early_stopping.monitor = 'val_acc': Input should be 'val_loss' or 'val_accuracy'",
+        ),
+        # YAML reads `true` as a bool, which lax validation would take for 1 (or 0 for false)
+        (
+            {"train": {"epochs": True}},
+            r"train.epochs = True: Input should be a number, not a boolean",
+        ),
+        ({"train": {"lr": False}}, r"train.lr = False: Input should be a number, not a boolean"),
+        (
+            {"data": {"train_size": True}},
+            r"data.train_size = True: Input should be a number, not a boolean",
+        ),
+        ({"seed": False}, r"seed = False: Input should be a number, not a boolean"),
+    ],
+)
 def test_bad_values_are_named(raw, message):
     with pytest.raises(ParamsError, match="^params.yaml: " + message):
         P.parse(raw)
 
 
-FLOAT_KEYS = ["train.lr", "train.weight_decay", "train.l1", "augment.mixup_alpha",
-              "train.early_stopping.min_delta"]
+FLOAT_KEYS = [
+    "train.lr",
+    "train.weight_decay",
+    "train.l1",
+    "augment.mixup_alpha",
+    "train.early_stopping.min_delta",
+]
 
 
 @pytest.mark.parametrize("key", FLOAT_KEYS)
-@pytest.mark.parametrize("value, shown", [
-    (float("inf"), "inf"), (float("-inf"), "-inf"), (float("nan"), "nan"),  # YAML .inf, -.inf, .nan
-    ("inf", "'inf'"), ("-inf", "'-inf'"), ("nan", "'nan'"), ("Infinity", "'Infinity'"),  # -S key=inf
-])
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        (float("inf"), "inf"),
+        (float("-inf"), "-inf"),
+        (float("nan"), "nan"),  # YAML .inf, -.inf, .nan
+        ("inf", "'inf'"),
+        ("-inf", "'-inf'"),
+        ("nan", "'nan'"),
+        ("Infinity", "'Infinity'"),  # -S key=inf
+    ],
+)
 def test_infinity_and_nan_are_refused(key, value, shown):
     with pytest.raises(ParamsError) as exc:
         P.parse(P.with_changes({}, {key: value}))
     assert str(exc.value) == f"params.yaml: {key} = {shown}: Input should be a finite number"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("train: {lr: .inf}", "train.lr = inf: Input should be a finite number"),
-    ("train: {lr: inf}", "train.lr = 'inf': Input should be a finite number"),
-    ("train: {epochs: true}", "train.epochs = True: Input should be a number, not a boolean"),
-    ("train: {epochs: yes}", "train.epochs = True: Input should be a number, not a boolean"),  # YAML 1.1
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train: {lr: .inf}", "train.lr = inf: Input should be a finite number"),
+        ("train: {lr: inf}", "train.lr = 'inf': Input should be a finite number"),
+        ("train: {epochs: true}", "train.epochs = True: Input should be a number, not a boolean"),
+        (
+            "train: {epochs: yes}",
+            "train.epochs = True: Input should be a number, not a boolean",
+        ),  # YAML 1.1
+    ],
+)
 def test_yaml_spellings_are_refused(tmp_path, text, message):
     (tmp_path / "params.yaml").write_text(text + "\n")
     with pytest.raises(ParamsError, match="^params.yaml: " + re.escape(message)):
@@ -87,11 +126,23 @@ def test_yaml_spellings_are_refused(tmp_path, text, message):
 
 def test_numbers_written_as_strings_are_numbers():
     # `dvc exp run -S train.lr=1e-02` writes 1e-02, which YAML 1.1 reads as the string '1e-02'.
-    params = P.parse({"train": {"lr": "1e-02", "epochs": "3", "l1": "1e-06",
-                                "early_stopping": {"min_delta": "0.001", "patience": "10"}},
-                      "augment": {"mixup_alpha": "0.2", "flip": True}, "data": {"train_size": "500"}})
+    params = P.parse(
+        {
+            "train": {
+                "lr": "1e-02",
+                "epochs": "3",
+                "l1": "1e-06",
+                "early_stopping": {"min_delta": "0.001", "patience": "10"},
+            },
+            "augment": {"mixup_alpha": "0.2", "flip": True},
+            "data": {"train_size": "500"},
+        }
+    )
     assert params.train.lr == 0.01 and params.train.epochs == 3 and params.train.l1 == 1e-06
-    assert params.train.early_stopping.min_delta == 0.001 and params.train.early_stopping.patience == 10
+    assert (
+        params.train.early_stopping.min_delta == 0.001
+        and params.train.early_stopping.patience == 10
+    )
     assert params.augment.mixup_alpha == 0.2 and params.data.train_size == 500
     assert params.augment.flip is True  # booleans stay booleans where a boolean belongs
 
@@ -102,15 +153,24 @@ def test_flatten_uses_params_yaml_names():
 
 
 def _files(folder):
-    return {path.relative_to(folder).as_posix(): path.read_bytes()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def test_every_stage_alone_exits_2_with_one_line_and_touches_nothing(workdir):
     """Each stage checks params.yaml itself, before any work: also when run without DVC."""
     write_params(workdir, **{"model.dropout": 1.0})
-    for sentinel in ["data/params.ok", "data/raw/meta.json", "data/prepared/meta.json",
-                     "models/model.pt", "metrics/train.json", "metrics/eval.json"]:
+    for sentinel in [
+        "data/params.ok",
+        "data/raw/meta.json",
+        "data/prepared/meta.json",
+        "models/model.pt",
+        "metrics/train.json",
+        "metrics/eval.json",
+    ]:
         (workdir / sentinel).parent.mkdir(parents=True, exist_ok=True)
         (workdir / sentinel).write_bytes(f"sentinel {sentinel}\n".encode())
     before = _files(workdir)

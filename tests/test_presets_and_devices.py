@@ -8,11 +8,13 @@ import shutil
 import pytest
 import torch
 import yaml
-
 from conftest import TINY, write_params
-from stages import augment, download, evaluate, models, params as P, preset, train
+
+from stages import augment, download, evaluate, params as P, train
 from stages.data import Policy, augment as augment_images, epoch_generator
 from stages.errors import ParamsError, StageError
+from stages.experiments import preset
+from stages.networks import predict, small
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here")
@@ -44,8 +46,13 @@ def test_the_fast_gpu_preset_is_valid_and_becomes_one_dvc_experiment():
 
 def test_the_fast_gpu_preset_runs_on_a_cpu(workdir, pickle_archive):
     """The preset as it is, but on the tiny data set and for 2 epochs of small batches."""
-    changes = {**preset.load("fast-gpu"), **TINY, "data.source": str(pickle_archive),
-               "train.batch_size": 16, "train.lr": 0.05}
+    changes = {
+        **preset.load("fast-gpu"),
+        **TINY,
+        "data.source": str(pickle_archive),
+        "train.batch_size": 16,
+        "train.lr": 0.05,
+    }
     write_params(workdir, **changes)
     download.main()
     augment.main()
@@ -53,16 +60,20 @@ def test_the_fast_gpu_preset_runs_on_a_cpu(workdir, pickle_archive):
     evaluate.main()
     trained = json.loads(train.METRICS.read_text())
     assert trained["epochs_run"] == 2
-    assert trained["num_parameters"] == models.count_parameters(models.ResNet9(3))
+    assert trained["num_parameters"] == predict.count_parameters(small.ResNet9(3))
     assert 0 <= json.loads(evaluate.METRICS.read_text())["test_accuracy"] <= 1
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile needs a C++ compiler on a CPU")
+@pytest.mark.skipif(
+    shutil.which("g++") is None, reason="torch.compile needs a C++ compiler on a CPU"
+)
 def test_compile_trains_and_saves_the_plain_model(workdir, pickle_archive):
-    write_params(workdir, **{**TINY, "data.source": str(pickle_archive), "train.compile": True,
-                             "train.epochs": 1})
+    write_params(
+        workdir,
+        **{**TINY, "data.source": str(pickle_archive), "train.compile": True, "train.epochs": 1},
+    )
     download.main()
     augment.main()
     train.main()
     saved = torch.load(train.MODEL, weights_only=True)["state_dict"]
-    assert set(saved) == set(models.Net(3).state_dict())  # no _orig_mod. prefix: the plain model
+    assert set(saved) == set(small.Net(3).state_dict())  # no _orig_mod. prefix: the plain model

@@ -9,13 +9,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, write_params
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, write_params
-from stages import augment as augment_stage, download, evaluate, models, params as P, regularize, train
+from stages import augment as augment_stage, download, evaluate, params as P, regularize, train
 from stages.augment import long_tailed
-from stages.data import Policy, augment, color_jitter, epoch_generator, random_erasing, trivial_augment
+from stages.data import (
+    Policy,
+    augment,
+    color_jitter,
+    epoch_generator,
+    random_erasing,
+    trivial_augment,
+)
 from stages.errors import StageError
+from stages.networks import predict, small
+from stages.networks.build import build_model
 
 
 def tiny_batch(n=64, classes=3, seed=0):
@@ -38,37 +47,41 @@ def fit(model, train_params: P.Train, steps=100, seed=0):
 
 def fresh_net(seed=0):
     torch.manual_seed(seed)
-    return models.Net(num_classes=3)
+    return small.Net(num_classes=3)
 
 
 # --- model size and dropout -----------------------------------------------------------------------
 
+
 def test_width_scales_the_network():
-    assert models.count_parameters(models.Net(10, width=1.0)) == 62006
-    half, double = models.Net(10, width=0.5), models.Net(10, width=2.0)
-    assert models.count_parameters(half) < 62006 / 2 < 62006 * 2 < models.count_parameters(double)
+    assert predict.count_parameters(small.Net(10, width=1.0)) == 62006
+    half, double = small.Net(10, width=0.5), small.Net(10, width=2.0)
+    assert predict.count_parameters(half) < 62006 / 2 < 62006 * 2 < predict.count_parameters(double)
     assert double(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_cnn_depth_width_and_batch_norm():
-    small = models.CNN(10, depth=2, width=0.5)
-    big = models.CNN(10, depth=4, width=1.0, batch_norm=True)
-    assert models.count_parameters(small) < models.count_parameters(big)
+    shallow = small.CNN(10, depth=2, width=0.5)
+    big = small.CNN(10, depth=4, width=1.0, batch_norm=True)
+    assert predict.count_parameters(shallow) < predict.count_parameters(big)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in big.modules())
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in small.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in shallow.modules())
     assert big(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     params = P.parse({"model": {"name": "cnn", "depth": 5}, "data": {"image_size": 16}})
     with pytest.raises(StageError, match="needs data.image_size >= 32"):
-        models.build(params, 10, image_size=16)
+        build_model(params, 10, image_size=16)
 
 
 @pytest.mark.parametrize("kind", ["net", "cnn"])
 def test_dropout_acts_in_train_mode_only(kind):
     torch.manual_seed(0)
-    plain = models.Net(3) if kind == "net" else models.CNN(3)
+    plain = small.Net(3) if kind == "net" else small.CNN(3)
     torch.manual_seed(0)
-    dropped = (models.Net(3, dropout=0.5, conv_dropout=0.3) if kind == "net"
-               else models.CNN(3, dropout=0.5, conv_dropout=0.3))
+    dropped = (
+        small.Net(3, dropout=0.5, conv_dropout=0.3)
+        if kind == "net"
+        else small.CNN(3, dropout=0.5, conv_dropout=0.3)
+    )
     dropped.load_state_dict(plain.state_dict())  # dropout has no parameters
     x, _ = tiny_batch(8)
     dropped.train()
@@ -81,13 +94,16 @@ def test_dropout_acts_in_train_mode_only(kind):
 
 # --- penalties and weight decay -------------------------------------------------------------------
 
+
 def test_l2_penalty_equals_its_formula():
-    model = models.CNN(3, depth=2, batch_norm=True)
-    expected = sum((p ** 2).sum() for name, p in model.named_parameters()
-                   if "weight" in name and p.ndim > 1)
+    model = small.CNN(3, depth=2, batch_norm=True)
+    expected = sum(
+        (p**2).sum() for name, p in model.named_parameters() if "weight" in name and p.ndim > 1
+    )
     assert regularize.l2_penalty(model).item() == pytest.approx(expected.item(), rel=1e-6)
     assert regularize.l1_penalty(model).item() == pytest.approx(
-        sum(p.abs().sum() for p in model.parameters() if p.ndim > 1).item(), rel=1e-6)
+        sum(p.abs().sum() for p in model.parameters() if p.ndim > 1).item(), rel=1e-6
+    )
     # Biases and batch-norm scales are not penalized.
     assert all(p.ndim > 1 for p in regularize.penalized_weights(model))
     bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
@@ -99,7 +115,9 @@ def test_l2_in_the_loss_adds_exactly_the_penalty():
     x, y = tiny_batch()
     base = train.make_loss(P.Train(), model, None)(model(x), y)
     with_l2 = train.make_loss(P.Train(l2=0.01), model, None)(model(x), y)
-    assert (with_l2 - base).item() == pytest.approx(0.01 * regularize.l2_penalty(model).item(), rel=1e-5)
+    assert (with_l2 - base).item() == pytest.approx(
+        0.01 * regularize.l2_penalty(model).item(), rel=1e-5
+    )
 
 
 def test_l1_leaves_more_weights_near_zero():
@@ -124,6 +142,7 @@ def test_weight_decay_shrinks_the_weight_norm(optimizer):
 
 
 # --- losses and labels ----------------------------------------------------------------------------
+
 
 def test_label_smoothing_changes_the_loss():
     model = fresh_net()
@@ -163,13 +182,37 @@ def test_long_tailed_subset_has_the_requested_ratio():
 
 # --- schedules ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("schedule, warmup, check", [
-    ("none", 0, lambda lrs: all(lr == 0.1 for lr in lrs)),
-    ("none", 2, lambda lrs: lrs[0] < 0.01 and lrs[19] == pytest.approx(0.1) and lrs[-1] == 0.1),
-    ("cosine", 0, lambda lrs: lrs[0] == 0.1 and lrs[-1] < 0.001 and lrs[50] == pytest.approx(0.05, rel=0.05)),
-    ("step", 0, lambda lrs: lrs[29] == 0.1 and lrs[30] == pytest.approx(0.01) and lrs[60] == pytest.approx(0.001)),
-    ("onecycle", 0, lambda lrs: lrs[0] < 0.01 and max(lrs) == pytest.approx(0.1, rel=0.01) and lrs[-1] < 1e-4),
-])
+
+@pytest.mark.parametrize(
+    "schedule, warmup, check",
+    [
+        ("none", 0, lambda lrs: all(lr == 0.1 for lr in lrs)),
+        ("none", 2, lambda lrs: lrs[0] < 0.01 and lrs[19] == pytest.approx(0.1) and lrs[-1] == 0.1),
+        (
+            "cosine",
+            0,
+            lambda lrs: (
+                lrs[0] == 0.1 and lrs[-1] < 0.001 and lrs[50] == pytest.approx(0.05, rel=0.05)
+            ),
+        ),
+        (
+            "step",
+            0,
+            lambda lrs: (
+                lrs[29] == 0.1
+                and lrs[30] == pytest.approx(0.01)
+                and lrs[60] == pytest.approx(0.001)
+            ),
+        ),
+        (
+            "onecycle",
+            0,
+            lambda lrs: (
+                lrs[0] < 0.01 and max(lrs) == pytest.approx(0.1, rel=0.01) and lrs[-1] < 1e-4
+            ),
+        ),
+    ],
+)
 def test_learning_rate_schedules(schedule, warmup, check):
     params = P.Train(lr=0.1, epochs=10, schedule=schedule, warmup_epochs=warmup, step_epochs=3)
     optimizer = train.make_optimizer(params, fresh_net())
@@ -184,11 +227,15 @@ def test_learning_rate_schedules(schedule, warmup, check):
 
 # --- early stopping -------------------------------------------------------------------------------
 
+
 def test_early_stopping_on_a_scripted_curve():
     stopper = train.EarlyStopping("val_loss", patience=3, min_delta=0.01)
     curve = [1.0, 0.8, 0.795, 0.85, 0.9, 0.7]  # 0.795 is within min_delta: no improvement
-    stopped_at = next(epoch for epoch, value in enumerate(curve, 1)
-                      if (stopper.update(epoch, value), stopper.should_stop)[1])
+    stopped_at = next(
+        epoch
+        for epoch, value in enumerate(curve, 1)
+        if (stopper.update(epoch, value), stopper.should_stop)[1]
+    )
     assert stopped_at == 5 and stopper.best_epoch == 2
 
     accuracy = train.EarlyStopping("val_accuracy", patience=2, min_delta=0.0)
@@ -201,7 +248,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(workdir, pickle_arch
     """Validation loss scripted to be best at epoch 2: with patience 2 the run stops after epoch
     4 and saves epoch 2's weights, bit-identical to a run of exactly 2 epochs."""
     scripted = iter([0.9, 0.5, 0.7, 0.8, 0.1, 0.1])
-    real_measure = models.measure
+    real_measure = predict.measure
 
     def measure(model, images, labels, prefix, coarse_mapping=None):
         out = real_measure(model, images, labels, prefix, coarse_mapping)
@@ -215,10 +262,17 @@ def test_early_stopping_stops_and_restores_the_best_weights(workdir, pickle_arch
     train.main()
     two_epochs = (workdir / "models/model.pt").read_bytes()
 
-    monkeypatch.setattr(models, "measure", measure)
-    write_params(workdir, **{**TINY, "data.source": str(pickle_archive), "train.epochs": 6,
-                             "train.early_stopping.enabled": True,
-                             "train.early_stopping.patience": 2})
+    monkeypatch.setattr(predict, "measure", measure)
+    write_params(
+        workdir,
+        **{
+            **TINY,
+            "data.source": str(pickle_archive),
+            "train.epochs": 6,
+            "train.early_stopping.enabled": True,
+            "train.early_stopping.patience": 2,
+        },
+    )
     train.main()
     metrics = json.loads((workdir / "metrics/train.json").read_text())
     assert metrics["epochs_run"] == 4 and metrics["best_epoch"] == 2
@@ -231,10 +285,16 @@ def test_early_stopping_stops_and_restores_the_best_weights(workdir, pickle_arch
 
 # --- image augmentation ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policy", [
-    Policy(trivial_augment=True), Policy(color_jitter=0.5), Policy(erasing=0.5),
-    Policy(flip=True, crop_padding=4, trivial_augment=True, color_jitter=0.3, erasing=0.5),
-])
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        Policy(trivial_augment=True),
+        Policy(color_jitter=0.5),
+        Policy(erasing=0.5),
+        Policy(flip=True, crop_padding=4, trivial_augment=True, color_jitter=0.3, erasing=0.5),
+    ],
+)
 def test_augmentation_keeps_shapes_is_seeded_and_varies(policy):
     images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
     a = augment(images, policy, epoch_generator(0, 1))
@@ -273,18 +333,42 @@ def test_trivial_augment_draws_per_image():
 
 # --- everything together, through the stages ---------------------------------------------------------
 
+
 def test_all_techniques_together_run_and_are_logged(workdir, pickle_archive):
-    write_params(workdir, **{**TINY, "data.source": str(pickle_archive), "train.epochs": 3,
-                             "data.normalize": "dataset", "data.imbalance_ratio": 2.0,
-                             "model.name": "cnn", "model.depth": 2, "model.width": 0.25,
-                             "model.batch_norm": True, "model.dropout": 0.2, "model.conv_dropout": 0.1,
-                             "augment.online": True, "augment.flip": True, "augment.crop_padding": 2,
-                             "augment.trivial_augment": True, "augment.color_jitter": 0.2,
-                             "augment.erasing": 0.3, "augment.mixup_alpha": 0.2, "augment.cutmix_alpha": 1.0,
-                             "train.optimizer": "adamw", "train.weight_decay": 0.01, "train.l1": 1e-5,
-                             "train.l2": 1e-4, "train.label_smoothing": 0.1, "train.class_weighting": "balanced",
-                             "train.schedule": "cosine", "train.warmup_epochs": 1,
-                             "train.early_stopping.enabled": True, "train.early_stopping.monitor": "val_accuracy"})
+    write_params(
+        workdir,
+        **{
+            **TINY,
+            "data.source": str(pickle_archive),
+            "train.epochs": 3,
+            "data.normalize": "dataset",
+            "data.imbalance_ratio": 2.0,
+            "model.name": "cnn",
+            "model.depth": 2,
+            "model.width": 0.25,
+            "model.batch_norm": True,
+            "model.dropout": 0.2,
+            "model.conv_dropout": 0.1,
+            "augment.online": True,
+            "augment.flip": True,
+            "augment.crop_padding": 2,
+            "augment.trivial_augment": True,
+            "augment.color_jitter": 0.2,
+            "augment.erasing": 0.3,
+            "augment.mixup_alpha": 0.2,
+            "augment.cutmix_alpha": 1.0,
+            "train.optimizer": "adamw",
+            "train.weight_decay": 0.01,
+            "train.l1": 1e-5,
+            "train.l2": 1e-4,
+            "train.label_smoothing": 0.1,
+            "train.class_weighting": "balanced",
+            "train.schedule": "cosine",
+            "train.warmup_epochs": 1,
+            "train.early_stopping.enabled": True,
+            "train.early_stopping.monitor": "val_accuracy",
+        },
+    )
     download.main()
     augment_stage.main()
     counts = np.bincount(np.load(workdir / "data/prepared/train_labels.npy"))

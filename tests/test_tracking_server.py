@@ -11,11 +11,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import EPOCHS, REPO, finish, run_stage, start_train, wait_for_checkpoint
 from mlflow.tracking import MlflowClient
 
-from conftest import EPOCHS, REPO, finish, run_stage, start_train, wait_for_checkpoint
-from stages import tracking
 from stages.errors import StageError
+from stages.tracking import store
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 
@@ -33,14 +33,28 @@ class Server:
         self.folder, self.port, self.proc = folder, free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.proc = subprocess.Popen(
-            [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", str(self.folder / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(MLFLOW),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'server.db'}",
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            cwd=self.folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             env={"PATH": str(MLFLOW.parent), "MLFLOW_DISABLE_TELEMETRY": "true"},
-            start_new_session=True)
+            start_new_session=True,
+        )
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
@@ -70,7 +84,7 @@ def test_an_unreachable_server_fails_fast_naming_the_uri(prepared):
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.time()
     with pytest.raises(StageError, match=f"MLflow tracking server {uri} is unreachable"):
-        tracking.check_reachable(uri)
+        store.check_reachable(uri)
     assert time.time() - start < 10
 
     # Each stage that logs checks the server first, before any work: within 10 s of its start,
@@ -82,7 +96,8 @@ def test_an_unreachable_server_fails_fast_naming_the_uri(prepared):
         assert result.returncode == 1
         assert result.stderr.strip().splitlines() == [
             f"error ({stage}): MLflow tracking server {uri} is unreachable (ConnectionError): start "
-            "it, or unset MLFLOW_TRACKING_URI and mlflow.tracking_uri to log to mlflow.db"]
+            "it, or unset MLFLOW_TRACKING_URI and mlflow.tracking_uri to log to mlflow.db"
+        ]
         assert not (prepared / output).exists()
 
 
@@ -95,7 +110,7 @@ def test_a_server_dying_mid_run_loses_nothing(prepared, server):
 
     assert result.returncode == 0, result.stderr
     assert "warning: MLflow logging failed" in result.stderr
-    assert "python -m stages.tracking replay" in result.stderr
+    assert "python -m stages.tracking.replay" in result.stderr
     metrics = json.loads((prepared / "metrics/train.json").read_text())
     assert metrics["epochs_run"] == EPOCHS and (prepared / "models/model.pt").exists()
     run_id = json.loads((prepared / "models/run.json").read_text())["run_id"]
@@ -103,9 +118,14 @@ def test_a_server_dying_mid_run_loses_nothing(prepared, server):
     assert journal.exists()
 
     server.start()  # back, with the same store
-    replayed = subprocess.run([sys.executable, "-m", "stages.tracking", "replay"], cwd=prepared,
-                              env={"PATH": str(MLFLOW.parent), "PYTHONPATH": str(REPO)},
-                              capture_output=True, text=True, timeout=300)
+    replayed = subprocess.run(
+        [sys.executable, "-m", "stages.tracking.replay"],
+        cwd=prepared,
+        env={"PATH": str(MLFLOW.parent), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert replayed.returncode == 0, replayed.stderr
     assert not journal.exists()
     client = MlflowClient(server.uri)
@@ -115,7 +135,8 @@ def test_a_server_dying_mid_run_loses_nothing(prepared, server):
     assert steps == set(range(1, EPOCHS + 1))
     assert {"train.json", "params.yaml"} <= {a.path for a in client.list_artifacts(run_id)}
     # The model, logged by the replay (MLflow 3 keeps it as a logged model of the run).
-    (model,) = client.search_logged_models([run.info.experiment_id],
-                                           filter_string=f"source_run_id = '{run_id}'")
+    (model,) = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
     files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
     assert "MLmodel" in files and "extra_files" in files

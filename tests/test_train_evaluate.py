@@ -7,10 +7,12 @@ import json
 import mlflow
 import pytest
 import torch
+from conftest import REPO, TINY, write_params
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, write_params
-from stages import augment, download, evaluate, io as sio, models, params as P, tracking, train
+from stages import augment, download, evaluate, io as sio, params as P, train
+from stages.networks import predict, small
+from stages.tracking import runs, store
 
 
 def run_pipeline(workdir, **overrides) -> None:
@@ -32,26 +34,51 @@ def finished(workdir, pickle_archive):
 
 
 def test_net_is_the_source_network():
-    net = models.Net()
+    net = small.Net()
     shapes = [tuple(p.shape) for p in net.parameters()]
-    assert shapes == [(6, 3, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,),
-                      (84, 120), (84,), (10, 84), (10,)]
-    assert models.count_parameters(net) == 62006
+    assert shapes == [
+        (6, 3, 5, 5),
+        (6,),
+        (16, 6, 5, 5),
+        (16,),
+        (120, 400),
+        (120,),
+        (84, 120),
+        (84,),
+        (10, 84),
+        (10,),
+    ]
+    assert predict.count_parameters(net) == 62006
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_defaults_are_the_source_recipe():
     params = P.Params()
-    assert (params.model.name, params.train.optimizer, params.train.lr, params.train.momentum,
-            params.train.batch_size, params.train.epochs) == ("net", "sgd", 0.001, 0.9, 100, 10)
-    assert not params.augment.flip and params.augment.crop_padding == 0 and params.augment.copies == 0
+    assert (
+        params.model.name,
+        params.train.optimizer,
+        params.train.lr,
+        params.train.momentum,
+        params.train.batch_size,
+        params.train.epochs,
+    ) == ("net", "sgd", 0.001, 0.9, 100, 10)
+    assert (
+        not params.augment.flip and params.augment.crop_padding == 0 and params.augment.copies == 0
+    )
     assert P.load(REPO / "params.yaml") == params  # params.yaml and the schema agree
 
 
 def test_outputs_and_metrics(finished):
     t = json.loads((finished / "metrics/train.json").read_text())
     e = json.loads((finished / "metrics/eval.json").read_text())
-    for key in ("train_accuracy", "val_accuracy", "train_loss", "val_loss", "epochs_run", "best_epoch"):
+    for key in (
+        "train_accuracy",
+        "val_accuracy",
+        "train_loss",
+        "val_loss",
+        "epochs_run",
+        "best_epoch",
+    ):
         assert key in t
     assert t["epochs_run"] == 3 and 1 <= t["best_epoch"] <= 3
     for key in ("train_accuracy", "val_accuracy"):
@@ -73,9 +100,9 @@ def test_outputs_and_metrics(finished):
 def test_one_mlflow_run_holds_everything(finished, pickle_archive):
     c = client(finished)
     experiment = c.get_experiment_by_name("overfitting")
-    runs = c.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
+    found = c.search_runs([experiment.experiment_id])
+    assert len(found) == 1
+    run = found[0]
     assert run.info.run_id == json.loads((finished / "models/run.json").read_text())["run_id"]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.01" and run.data.params["model.name"] == "net"
@@ -84,36 +111,68 @@ def test_one_mlflow_run_holds_everything(finished, pickle_archive):
     assert [m.step for m in history] == [1, 2, 3]
     for name in ("train_loss", "train_accuracy", "val_loss", "gap", "epoch_seconds"):
         assert len(c.get_metric_history(run.info.run_id, name)) == 3
-    for name in ("test_accuracy", "test_loss", "generalization_gap", "final_train_accuracy", "num_parameters"):
+    for name in (
+        "test_accuracy",
+        "test_loss",
+        "generalization_gap",
+        "final_train_accuracy",
+        "num_parameters",
+    ):
         assert name in run.data.metrics
     tags = run.data.tags
     assert {"git.commit", "git.dirty", "dvc.baseline_rev"} <= set(tags)
     params = P.load(finished / "params.yaml")  # the hash of exactly the params the run trained with
-    assert tags["params_hash"] == tracking.run_tags(params)["params_hash"]
-    assert tags["params_hash"] != tracking.run_tags(P.parse({"train": {"lr": 0.02}}))["params_hash"]
+    assert tags["params_hash"] == runs.run_tags(params)["params_hash"]
+    assert tags["params_hash"] != runs.run_tags(P.parse({"train": {"lr": 0.02}}))["params_hash"]
     assert tags["data.sha256"] == sio.sha256_of(pickle_archive)
 
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"params.yaml", "train.json", "train_curves.csv", "train_curves.png", "eval.json",
-            "confusion.png", "confusion.csv", "augment_preview.png"} <= artifacts
+    assert {
+        "params.yaml",
+        "train.json",
+        "train_curves.csv",
+        "train_curves.png",
+        "eval.json",
+        "confusion.png",
+        "confusion.csv",
+        "augment_preview.png",
+    } <= artifacts
     # The logged model loads back and predicts a batch of any size.
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     assert model(torch.zeros(5, 3, 32, 32)).shape == (5, 3)
     # ... and says what it takes and gives: its signature.
     signature = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model").signature
-    assert signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 3, 32, 32)}}]
-    assert signature.outputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 3)}}]
+    assert signature.inputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 3, 32, 32)}}
+    ]
+    assert signature.outputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 3)}}
+    ]
 
 
 def test_same_params_same_bytes(workdir, pickle_archive):
     run_pipeline(workdir, **{"data.source": str(pickle_archive)})
-    first = {p: (workdir / p).read_bytes() for p in
-             ["metrics/train.json", "metrics/eval.json", "models/model.pt", "reports/train_curves.csv"]}
+    first = {
+        p: (workdir / p).read_bytes()
+        for p in [
+            "metrics/train.json",
+            "metrics/eval.json",
+            "models/model.pt",
+            "reports/train_curves.csv",
+        ]
+    }
     train.main()
     evaluate.main()
     for path, data in first.items():
         assert (workdir / path).read_bytes() == data, path
-    assert len(client(workdir).search_runs([client(workdir).get_experiment_by_name("overfitting").experiment_id])) == 2
+    assert (
+        len(
+            client(workdir).search_runs(
+                [client(workdir).get_experiment_by_name("overfitting").experiment_id]
+            )
+        )
+        == 2
+    )
 
 
 def test_other_seed_other_model(workdir, pickle_archive):
@@ -124,14 +183,18 @@ def test_other_seed_other_model(workdir, pickle_archive):
     assert (workdir / "models/model.pt").read_bytes() != first
 
 
-def test_run_name_and_tags_from_dvc_environment(workdir, pickle_archive, monkeypatch, tmp_path_factory):
+def test_run_name_and_tags_from_dvc_environment(
+    workdir, pickle_archive, monkeypatch, tmp_path_factory
+):
     main_repo = tmp_path_factory.mktemp("main-repo")
     monkeypatch.setenv("DVC_EXP_NAME", "zesty-lark")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
     monkeypatch.setenv("DVC_ROOT", str(main_repo))  # a queued experiment's temporary workspace
     run_pipeline(workdir, **{"data.source": str(pickle_archive), "train.epochs": 1})
     assert not (workdir / "mlflow.db").exists()
-    run = client(main_repo).search_runs([client(main_repo).get_experiment_by_name("overfitting").experiment_id])[0]
+    run = client(main_repo).search_runs(
+        [client(main_repo).get_experiment_by_name("overfitting").experiment_id]
+    )[0]
     assert run.info.run_name == "zesty-lark"
     assert run.data.tags["dvc.exp_name"] == "zesty-lark"
     assert run.data.tags["dvc.baseline_rev"] == "abc123"
@@ -140,40 +203,54 @@ def test_run_name_and_tags_from_dvc_environment(workdir, pickle_archive, monkeyp
 
 
 def test_tracking_uri_from_params_and_environment(workdir, pickle_archive, monkeypatch, tmp_path):
-    store = tmp_path / "elsewhere.db"
-    run_pipeline(workdir, **{"data.source": str(pickle_archive), "train.epochs": 1,
-                             "mlflow.experiment": "param-test", "mlflow.tracking_uri": f"sqlite:///{store}"})
-    assert store.exists() and not (workdir / "mlflow.db").exists()
-    c = MlflowClient(f"sqlite:///{store}")
+    db = tmp_path / "elsewhere.db"
+    run_pipeline(
+        workdir,
+        **{
+            "data.source": str(pickle_archive),
+            "train.epochs": 1,
+            "mlflow.experiment": "param-test",
+            "mlflow.tracking_uri": f"sqlite:///{db}",
+        },
+    )
+    assert db.exists() and not (workdir / "mlflow.db").exists()
+    c = MlflowClient(f"sqlite:///{db}")
     (run,) = c.search_runs([c.get_experiment_by_name("param-test").experiment_id])
     assert "test_accuracy" in run.data.metrics  # evaluate found the run in the same store
     # MLFLOW_TRACKING_URI wins over the param; with neither, the repository's mlflow.db.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    assert tracking.tracking_uri(P.Mlflow(tracking_uri=f"sqlite:///{store}")) == "http://127.0.0.1:1"
+    assert store.tracking_uri(P.Mlflow(tracking_uri=f"sqlite:///{db}")) == "http://127.0.0.1:1"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.tracking_uri(P.Mlflow()) == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+    assert store.tracking_uri(P.Mlflow()) == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
 
 
 def curve(val_losses, train_losses):
-    return [{"epoch": e, "val_loss": v, "train_loss": t}
-            for e, (v, t) in enumerate(zip(val_losses, train_losses), 1)]
+    return [
+        {"epoch": e, "val_loss": v, "train_loss": t}
+        for e, (v, t) in enumerate(zip(val_losses, train_losses), 1)
+    ]
 
 
 def test_overfitting_epoch_on_scripted_curves():
     # Validation loss bottoms out at epoch 3 and rises while training loss keeps falling.
-    assert evaluate.overfitting_epoch(curve([2.0, 1.5, 1.2, 1.4, 1.9], [2.0, 1.4, 1.0, 0.6, 0.2])) == 3
+    assert (
+        evaluate.overfitting_epoch(curve([2.0, 1.5, 1.2, 1.4, 1.9], [2.0, 1.4, 1.0, 0.6, 0.2])) == 3
+    )
     # Both still falling: no overfitting yet.
     assert evaluate.overfitting_epoch(curve([2.0, 1.5, 1.2, 1.1], [2.0, 1.6, 1.3, 1.1])) is None
     # Validation loss rising together with training loss (divergence) is not overfitting.
     assert evaluate.overfitting_epoch(curve([2.0, 1.5, 1.8, 2.5], [2.0, 1.5, 1.9, 2.6])) is None
 
 
-@pytest.mark.parametrize("train_accuracy, gap, expected", [
-    (0.37, -0.01, "underfitting"),   # the source recipe: poor on both
-    (0.95, 0.51, "overfitting"),     # 5,000 images, 60 epochs: good on training data only
-    (0.70, 0.05, "good_fit"),
-    (0.70, 0.10, "good_fit"),        # the threshold itself is still a good fit
-])
+@pytest.mark.parametrize(
+    "train_accuracy, gap, expected",
+    [
+        (0.37, -0.01, "underfitting"),  # the source recipe: poor on both
+        (0.95, 0.51, "overfitting"),  # 5,000 images, 60 epochs: good on training data only
+        (0.70, 0.05, "good_fit"),
+        (0.70, 0.10, "good_fit"),  # the threshold itself is still a good fit
+    ],
+)
 def test_verdict(train_accuracy, gap, expected):
     assert evaluate.verdict(train_accuracy, gap, P.Evaluate()) == expected
 
@@ -182,7 +259,9 @@ def test_verdict_is_written_and_logged(finished):
     e = json.loads((finished / "metrics/eval.json").read_text())
     assert e["verdict"] in {"overfitting", "underfitting", "good_fit"}
     assert "overfitting_epoch" in e and e["best_epoch"] >= 1
-    run = client(finished).search_runs([client(finished).get_experiment_by_name("overfitting").experiment_id])[0]
+    run = client(finished).search_runs(
+        [client(finished).get_experiment_by_name("overfitting").experiment_id]
+    )[0]
     assert run.data.tags["verdict"] == e["verdict"]
 
 
@@ -191,12 +270,22 @@ def test_parallel_workers_create_one_experiment(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; sys.path.insert(0, {repo!r}); from stages import params as P, tracking\n"
-            "with tracking.start_run(P.parse({{'mlflow': {{'experiment': 'race'}}}}), None): pass\n")
+    code = (
+        "import sys; sys.path.insert(0, {repo!r}); from stages import params as P; from stages.tracking import runs\n"
+        "with runs.start_run(P.parse({{'mlflow': {{'experiment': 'race'}}}}), None): pass\n"
+    )
     env = {**__import__("os").environ, "DVC_ROOT": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    procs = [subprocess.Popen([sys.executable, "-c", code.format(repo=str(REPO))], env=env, cwd=tmp_path,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code.format(repo=str(REPO))],
+            env=env,
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -1,8 +1,8 @@
 """Run a preset, a named set of params.yaml changes, as one DVC experiment.
 
-    python -m stages.preset fast-gpu [--queue] [-S key=value ...]
+    python -m stages.experiments.preset fast-gpu [--queue] [-S key=value ...]
 
-A preset is stages/presets/<name>.yaml: params.yaml keys in dotted form with their values. It
+A preset is stages/experiments/presets/<name>.yaml: params.yaml keys in dotted form with their values. It
 becomes `dvc exp run -n <name> -S key=value ...`, so the run is an ordinary DVC experiment and
 MLflow run; extra `-S` options go after the preset's and win.
 """
@@ -36,7 +36,9 @@ def command(name: str, overrides: dict, queue: bool, extra: list[str]) -> list[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name")
     parser.add_argument("--queue", action="store_true", help="queue it (dvc queue start runs it)")
     parser.add_argument("-S", dest="extra", action="append", default=[], metavar="KEY=VALUE")
@@ -44,7 +46,9 @@ def main() -> None:
     try:
         overrides = load(args.name)
         raw = yaml.safe_load(P.PARAMS_FILE.read_text()) or {}
-        P.parse(P.with_changes(raw, overrides))  # a wrong key in the preset fails here, before DVC runs
+        P.parse(
+            P.with_changes(raw, overrides)
+        )  # a wrong key in the preset fails here, before DVC runs
     except ParamsError as exc:
         sys.exit(f"error (preset): {exc}")
     sys.exit(subprocess.run(command(args.name, overrides, args.queue, args.extra)).returncode)

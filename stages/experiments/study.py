@@ -1,0 +1,382 @@
+"""A study: one DVC experiment per (row of a grid, seed), and a table of the results.
+
+    python -m stages.experiments.study run   [--grid G] [--jobs N] [--rows a,b] [--seeds 0,1,2]
+                                             [--set key=value ...] [--prefix P] [--source S --sha256 H]
+    python -m stages.experiments.study table [--grid G] [--prefix P] [--out FILE]
+
+A grid is a YAML file in stages/experiments/grids/ (regularization, the default; finetune;
+multitask): the regime every row starts from, the seeds, and the rows, each a set of params.yaml
+changes. Every experiment is the committed params.yaml plus the regime, the row and its seed: the
+study refuses to start while params.yaml has uncommitted changes, which DVC would carry into
+every queued experiment. `run` queues the grid with `dvc exp run --queue` (each experiment named study-<row>-s<seed>,
+in a temporary workspace, so edits made while it runs can't leak in), runs the queue with
+`dvc queue start -j N`, waits for it, then writes the table and, run by run, the comparison
+report of `python -m stages.experiments.compare`. `table` reads the runs back from MLflow by their DVC
+experiment names and prints mean ± std over seeds.
+
+The regime overfits on purpose (5,000 training images, 60 epochs, lr 0.01): the baseline's
+training accuracy passes 90% while its test accuracy stays near 45%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from stages import io as sio, params as P
+from stages.errors import ParamsError
+
+GRIDS_DIR = Path(__file__).parent / "grids"
+GRID_KEYS = {"regime", "seeds", "shared", "rows"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A study grid (grids/<name>.yaml): the regime every row starts from, and its rows."""
+
+    name: str
+    regime: dict
+    seeds: tuple[int, ...]
+    rows: dict[str, dict]
+
+
+def grid_names() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+
+
+def load_grid(name: str, base: dict | None = None) -> Grid:
+    """grids/<name>.yaml, every row checked against the params schema (on top of `base`,
+    params.yaml by default): a typo or a refused value stops here, before anything is queued."""
+    path = GRIDS_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ParamsError(f"no grid {name!r} (known: {', '.join(grid_names())})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    unknown = sorted(set(data) - GRID_KEYS)
+    if unknown or not isinstance(data.get("rows"), dict) or not data["rows"]:
+        raise ParamsError(
+            f"{path}: a grid has {', '.join(sorted(GRID_KEYS))} and at least one row "
+            f"under rows" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    regime = data.get("regime") or {}
+    rows = {row: changes or {} for row, changes in data["rows"].items()}
+    base = base if base is not None else (yaml.safe_load(P.PARAMS_FILE.read_text()) or {})
+    for row, changes in rows.items():
+        if not isinstance(changes, dict):
+            raise ParamsError(f"{path}: row {row!r} must map params to values, got {changes!r}")
+        try:
+            P.parse(P.with_changes(base, {**regime, **changes}))
+        except ParamsError as exc:
+            raise ParamsError(f"{path}: row {row!r}: {exc}") from None
+    return Grid(name, regime, tuple(data.get("seeds") or (0, 1, 2)), rows)
+
+
+def default_out(prefix: str, grid: str) -> Path:
+    """reports/study.md for the regularization study, reports/study-finetune.md, ...;
+    reports/<prefix>.md for a pass under other names, so it never overwrites the study's table."""
+    return Path("reports") / (f"{prefix}.md" if grid == "regularization" else f"{prefix}-{grid}.md")
+
+
+def exp_name(row: str, seed: int, prefix: str = "study") -> str:
+    return f"{prefix}-{row}-s{seed}"
+
+
+def overrides(
+    grid: Grid,
+    row: str,
+    seed: int,
+    source: str | None = None,
+    sha256: str | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """The params of one experiment: the grid's regime, the row's changes, the seed, and then
+    `extra` (study run --set key=value) over all of them."""
+    values = {**grid.regime, **grid.rows[row], "seed": seed, **(extra or {})}
+    if source:
+        values["data.source"] = source
+    if sha256:
+        values["data.sha256"] = sha256
+    P.parse(P.with_changes({}, values))  # a typo in the grid fails here, before anything is queued
+    return values
+
+
+def queue(
+    grid: Grid,
+    rows,
+    seeds,
+    source=None,
+    sha256=None,
+    extra: dict | None = None,
+    prefix: str = "study",
+) -> None:
+    """Seed by seed, so that a queue cut short leaves every row with the same seeds."""
+    for seed in seeds:
+        for row in rows:
+            cmd = ["dvc", "exp", "run", "--queue", "-n", exp_name(row, seed, prefix)]
+            values = overrides(grid, row, seed, source, sha256, extra)
+            subprocess.run(cmd + P.set_options(values), check=True)
+
+
+WORKERS = Path(".dvc/tmp/exps/celery")  # where DVC's queue workers write their logs
+
+
+def report_dead_workers() -> None:
+    """Workers that start together can race on the file-based message broker of DVC's queue
+    (kombu's filesystem transport): one reads an exchange file while the other writes it, and
+    dies at start with JSONDecodeError (treeverse/dvc-task#73). The queue still completes on the
+    other workers, only less in parallel. (Starting them one by one doesn't help: a second
+    `dvc queue start` doesn't see a busy worker, and starts another worker 1 or waits for it.)"""
+    for n in workers_that_died_starting():
+        print(
+            f"study: DVC queue worker {n} died at start (a known DVC race, treeverse/dvc-task#73); "
+            "the other workers ran its share",
+            flush=True,
+        )
+
+
+def workers_that_died_starting(repo: Path = Path(".")) -> list[int]:
+    """Queue workers whose log (of the latest start) ends in celery's 'Unrecoverable error'."""
+    died = []
+    for log in sorted((repo / WORKERS).glob("dvc-exp-worker-*.out")):
+        latest = log.read_text(errors="replace").rsplit("@localhost v", 1)[
+            -1
+        ]  # since the last banner
+        if "Unrecoverable error" in latest:
+            died.append(int(log.stem.rsplit("-", 1)[1]))
+    return died
+
+
+def wait_for_queue(poll_seconds: float = 10, max_failures: int = 5) -> None:
+    """Until nothing is queued or running. `dvc queue status` itself can fail now and then (the
+    same broker race); a few failures in a row are retried, more are an error."""
+    failures = 0
+    while True:
+        status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True)
+        if status.returncode != 0:
+            failures += 1
+            if failures >= max_failures:
+                raise RuntimeError(
+                    f"`dvc queue status` failed {failures} times in a row: "
+                    f"{status.stderr.strip()[-300:]}"
+                )
+        else:
+            failures = 0
+            if not pending(status.stdout):
+                return
+        time.sleep(poll_seconds)
+
+
+def pending(queue_status: str) -> int:
+    """How many tasks `dvc queue status` lists as Queued or Running (the last column)."""
+    return sum(
+        1
+        for line in queue_status.splitlines()
+        if line.split() and line.split()[-1] in ("Queued", "Running")
+    )
+
+
+def table(grid: Grid, rows=None, seeds=None, prefix: str = "study") -> str:
+    """mean ± std over seeds of every row that MLflow has runs of."""
+    from mlflow.tracking import MlflowClient
+
+    from stages.tracking import store
+
+    rows, seeds = rows or list(grid.rows), seeds or grid.seeds
+    params = P.load()
+    client = MlflowClient(store.tracking_uri(params.mlflow))
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    runs = (
+        client.search_runs(
+            [experiment.experiment_id], f"tags.`dvc.exp_name` LIKE '{prefix}-%'", max_results=5000
+        )
+        if experiment
+        else []
+    )
+    by_name = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):  # the latest run of a name wins
+        if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
+            by_name[run.data.tags["dvc.exp_name"]] = run
+
+    found_by_row = {
+        row: [
+            by_name[exp_name(row, s, prefix)] for s in seeds if exp_name(row, s, prefix) in by_name
+        ]
+        for row in rows
+    }
+    found_by_row = {row: found for row, found in found_by_row.items() if found}
+    # Auxiliary tasks' columns (stages/networks/tasks.py) only when some row has them.
+    task_keys = [
+        k
+        for k in ("test_coarse_accuracy", "test_rotation_accuracy")
+        if any(k in r.data.metrics for found in found_by_row.values() for r in found)
+    ]
+    header = [
+        "technique",
+        "params (on top of the regime)",
+        "seeds",
+        "train accuracy",
+        "test accuracy",
+        "gap (train − test)",
+        *(k.replace("_", " ") for k in task_keys),
+        "epochs run",
+        "minutes (train + evaluate)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, found in found_by_row.items():
+        m = lambda key, found=found: [r.data.metrics[key] for r in found]
+        minutes = [(r.info.end_time - r.info.start_time) / 60000 for r in found]
+        changes = ", ".join(f"{k}={v}" for k, v in grid.rows[row].items()) or "—"
+        cells = [
+            row,
+            changes,
+            str(len(found)),
+            _pm(m("final_train_accuracy")),
+            _pm(m("test_accuracy")),
+            _pm(m("generalization_gap"), " pt"),
+            *(_task_cell(found, k) for k in task_keys),
+            f"{statistics.mean(m('final_epochs_run')):.0f}",
+            f"{statistics.mean(minutes):.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _task_cell(runs, key: str) -> str:
+    return (
+        _pm([r.data.metrics[key] for r in runs])
+        if all(key in r.data.metrics for r in runs)
+        else "—"
+    )
+
+
+def _pm(values: list[float], unit: str = "%") -> str:
+    """mean ± sample standard deviation, in percent (or points); the mean alone for one value."""
+    mean = 100 * statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}{unit}"
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}{unit}"
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        check_committed_params()
+        grid = load_grid(args.grid)
+        rows = args.rows.split(",") if args.rows else list(grid.rows)
+        unknown = sorted(set(rows) - set(grid.rows))
+        if unknown:
+            raise ParamsError(f"unknown rows {unknown}; the grid has: {', '.join(grid.rows)}")
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(grid.seeds)
+        extra = parse_sets(args.set)
+        for row in rows:  # --set and --source must make valid params with every row
+            overrides(grid, row, seeds[0], args.source, args.sha256, extra)
+    except ParamsError as exc:
+        sys.exit(f"error (study): {exc}")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+    table_rows, table_seeds = rows, seeds
+    if args.command == "run":
+        run_queue(grid, rows, seeds, args.source, args.sha256, extra, args.prefix, args.jobs)
+        # The table of the whole grid as MLflow knows it: a run of a few rows or seeds adds to
+        # the table instead of cutting it down to them.
+        table_rows, table_seeds = list(grid.rows), sorted(set(grid.seeds) | set(seeds))
+    text = table(grid, table_rows, table_seeds, args.prefix)
+    sio.write_text(args.out or default_out(args.prefix, args.grid), text)
+    print(text)
+    if args.command == "run":  # and every run just made: reports/comparison.md, curves.png, gap.png
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "stages.experiments.compare",
+                "--exps",
+                ",".join(exp_name(r, s, args.prefix) for r in rows for s in seeds),
+            ],
+            check=True,
+        )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=["run", "table"])
+    parser.add_argument(
+        "--grid",
+        default="regularization",
+        help=f"a grid of stages/experiments/grids/ ({', '.join(grid_names())})",
+    )
+    parser.add_argument("--source", help="data.source for every run (default: params.yaml's)")
+    parser.add_argument("--sha256", help="data.sha256 for every run")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel DVC queue workers")
+    parser.add_argument("--rows", help="comma-separated rows of the grid (default: all)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the grid's)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the table's file (default: reports/<prefix>.md, "
+        "reports/<prefix>-<grid>.md for another grid)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a param over every row (repeatable), e.g. --set train.epochs=5 for "
+        "a quick pass; use it with another --prefix",
+    )
+    parser.add_argument(
+        "--prefix", default="study", help="experiment names <prefix>-<row>-s<seed> (default: study)"
+    )
+    return parser.parse_args()
+
+
+def parse_sets(items: list[str]) -> dict:
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE")
+        extra[key] = yaml.safe_load(value)  # as in params.yaml: 5 → int, null → None
+    return extra
+
+
+def check_committed_params(path: Path = P.PARAMS_FILE) -> None:
+    """Every row is built from the committed params.yaml: refuse to start while the workspace's
+    differs from it (a `dvc exp run -S` leaves its values there), naming the keys that differ."""
+    committed = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True)
+    if committed.returncode != 0:
+        return  # not in git (yet): nothing to compare with
+    old = P.flatten_dict(yaml.safe_load(committed.stdout) or {})
+    new = P.flatten_dict(yaml.safe_load(path.read_text()) or {})
+    changed = sorted(
+        k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>")
+    )
+    if changed:
+        shown = ", ".join(f"{k}={new.get(k, '<absent>')!r}" for k in changed[:5])
+        raise ParamsError(
+            f"params.yaml has uncommitted changes ({shown}"
+            f"{', …' if len(changed) > 5 else ''}), which every experiment would "
+            "inherit: commit them, or `git checkout params.yaml`"
+        )
+
+
+def run_queue(grid: Grid, rows, seeds, source, sha256, extra: dict, prefix: str, jobs: int) -> None:
+    queue(grid, rows, seeds, source, sha256, extra, prefix)
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+    wait_for_queue()
+    report_dead_workers()
+
+
+if __name__ == "__main__":
+    main()

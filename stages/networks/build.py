@@ -1,0 +1,113 @@
+"""The model that params.model names: the network, its input normalization, its task heads.
+
+Every model takes [0, 1] pixels at the data's size: `Normalized` resizes them to what the
+network wants and normalizes them, inside the model, so the saved and logged model needs no
+preprocessing of its own. With auxiliary tasks on (params.tasks), tasks.MultiTask adds their heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stages.errors import StageError
+from stages.networks import architectures, freeze, small, tasks
+from stages.params import BACKBONES
+
+
+class Normalized(nn.Module):
+    """Resize to `size` (when given), (x - mean) / std per channel, then the network."""
+
+    def __init__(
+        self, net: nn.Module, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), size: int | None = None
+    ):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.size = size
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size and x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return self.net((x - self.mean) / self.std)
+
+
+def build_model(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module:
+    """The network that params.model names, randomly initialized (train loads pretrained weights
+    into `network(model)`); wrapped in Normalized when it has to resize or normalize, and in
+    tasks.MultiTask when an auxiliary task is on."""
+    model = _build_one(params, num_classes, image_size, mean_std)
+    sizes = tasks.output_sizes(params.tasks)
+    if not sizes:
+        return model
+    head = network(model).get_submodule(architectures.head_name(params.model.name))
+    return tasks.MultiTask(
+        model,
+        head,
+        sizes,
+        tasks.active(params.tasks),
+        learn_weights=params.tasks.weighting == "uncertainty",
+    )
+
+
+def _build_one(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module:
+    m = params.model
+    size = m.input_size or image_size
+    if m.name in BACKBONES:
+        net: nn.Module = architectures.imagenet_architecture(m.name)
+        architectures.replace_head(net, m.name, num_classes)
+    elif m.name == "net":
+        if size != 32:
+            raise StageError(
+                f"model.name = net needs 32×32 inputs (data.image_size or "
+                f"model.input_size; got {size}): its first dense layer expects 16×5×5 features"
+            )
+        net = small.Net(num_classes, m.width, m.dropout, m.conv_dropout)
+    elif m.name == "resnet9":
+        if size < 8:
+            raise StageError(
+                f"model.name = resnet9 halves the image 3 times: needs inputs of "
+                f"at least 8 pixels (got {size})"
+            )
+        net = small.ResNet9(num_classes, m.width)
+    else:
+        if size < 2**m.depth:
+            raise StageError(
+                f"model.depth = {m.depth} halves the image {m.depth} times: "
+                f"needs data.image_size >= {2**m.depth} (got {size})"
+            )
+        net = small.CNN(num_classes, m.depth, m.width, m.batch_norm, m.dropout, m.conv_dropout)
+    if m.freeze_bn:
+        freeze.freeze_batch_norm(net)
+    if m.name in BACKBONES:
+        return Normalized(net, *architectures.input_mean_std(m.name), size=size)
+    if params.data.normalize == "dataset":
+        return Normalized(
+            net, *(mean_std or ((0.0,) * 3, (1.0,) * 3)), size=size if size != image_size else None
+        )
+    if size != image_size:
+        return Normalized(net, size=size)
+    return net
+
+
+def network(model: nn.Module) -> nn.Module:
+    """The network inside the MultiTask and Normalized wrappers, whose parameter names the
+    weights files use."""
+    model = tasks.unwrap(model)
+    return model.net if isinstance(model, Normalized) else model
+
+
+def channel_mean_std(images: torch.Tensor, chunk: int = 10_000):
+    """Per-channel mean and std of uint8 images on the [0, 1] scale, without a float copy of all."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(images), chunk):
+        x = images[i : i + chunk].double() / 255
+        total += x.sum(dim=(0, 2, 3))
+        squares += (x * x).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (squares / count - mean**2).clamp(min=1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())

@@ -1,0 +1,36 @@
+"""Where this process runs: the repository root, and the CPU threads it may use.
+
+The repository root is $DVC_ROOT when DVC sets it: a queued `dvc exp run` works in a temporary
+copy under .dvc/tmp/exps, while relative paths in params.yaml (data.source, model.pretrained),
+the MLflow store and the resume checkpoints belong to the main repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def cpu_threads() -> int:
+    """The cores this process may use, shared among DVC's running queue workers.
+
+    `dvc queue start -j N` runs N experiments at once; N processes that each use every core
+    oversubscribe them, and PyTorch's spinning OpenMP threads then collapse (README "Parallel
+    queues": on 2 cores, two 2-thread trainings together were slower than one alone). Each
+    worker leaves a pid file in DVC's queue folder; the live ones are counted.
+    """
+    cores = len(os.sched_getaffinity(0))
+    workers = 0
+    for pid_file in (repo_root() / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"):
+        try:
+            os.kill(int(pid_file.read_text().strip()), 0)
+            workers += 1
+        except PermissionError:
+            workers += 1  # alive, but not ours to signal
+        except (ValueError, OSError):
+            pass  # a stale file of a worker that has gone
+    return max(1, cores // max(1, workers))

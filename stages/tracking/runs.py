@@ -1,0 +1,249 @@
+"""The pipeline's MLflow run: open it with its params and tags, log to it, end it by its outcome.
+
+One pipeline run = one MLflow run: train opens it and writes its id to models/run.json, and
+evaluate logs into the same run. If the tracking server stops answering mid-run, training goes
+on: from the first failed call on, every logging call is written to a journal,
+data/mlflow-missed/<run id>/journal.json under the repository root, which is sent once more when
+the stage ends and can be replayed later with `python -m stages.tracking.replay`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from stages import io as sio, params as P
+from stages.errors import uninterrupted
+from stages.runtime import repo_root
+from stages.tracking import flavour
+from stages.tracking.replay import MISSED, replay
+from stages.tracking.store import check_reachable, tracking_uri
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialize the first contact with a SQLite store across processes: MLflow creates its
+    tables on first use, and two workers doing that at once fail ('table ... already exists')."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///") :] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    """Get or create the experiment; safe when several workers create it at the same time."""
+    with _store_lock(uri):
+        return _get_or_create_experiment(name, uri)
+
+
+def _get_or_create_experiment(name: str, uri: str) -> str:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = (repo_root() / "mlruns").as_uri() if uri.startswith("sqlite:") else None
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except mlflow.exceptions.MlflowException:
+        experiment = client.get_experiment_by_name(name)  # another worker won the race
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def run_tags(params: P.Params) -> dict[str, str]:
+    flat = P.flatten(params)
+    tags = {
+        "git.commit": _git("rev-parse", "HEAD"),
+        "mlflow.source.git.commit": _git("rev-parse", "HEAD"),
+        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "params_hash": hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16],
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    # The commit the run starts from: DVC's baseline for an experiment, else the checked-out one.
+    tags["dvc.baseline_rev"] = os.environ.get("DVC_EXP_BASELINE_REV") or tags["git.commit"]
+    return tags
+
+
+@contextmanager
+def start_run(
+    params: P.Params, data_sha256: str | None, resume_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """Open the pipeline run, with every param flattened under its params.yaml name; or reopen
+    `resume_id`, the run of an interrupted training that is being resumed."""
+    uri = tracking_uri(params.mlflow)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    if resume_id:
+        with uninterrupted():
+            run = mlflow.start_run(run_id=resume_id)
+        with _ended_by_outcome(run):
+            yield run
+        return
+    tags = run_tags(params)
+    if data_sha256:
+        tags["data.sha256"] = data_sha256
+    with uninterrupted():
+        experiment_id = _experiment_id(params.mlflow.experiment, uri)
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"), tags=tags
+        )
+    with _ended_by_outcome(run):
+        with uninterrupted():
+            mlflow.log_params(P.flatten(params))
+        yield run
+
+
+@contextmanager
+def resume_run(run_id: str, mlflow_params: P.Mlflow) -> Iterator[mlflow.ActiveRun]:
+    uri = tracking_uri(mlflow_params)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    with uninterrupted():
+        run = mlflow.start_run(run_id=run_id)
+    with _ended_by_outcome(run):
+        yield run
+
+
+@contextmanager
+def _ended_by_outcome(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    """End the run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any other error); then send
+    whatever a dead server missed once more, or say where it is kept."""
+    global _journal
+    _journal = None
+    status = "FINISHED"
+    try:
+        yield run
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        _call(
+            lambda: mlflow.end_run(status),
+            lambda: {"kind": "end", "status": status},
+            run.info.run_id,
+        )
+        if _journal is not None:
+            _flush_journal()
+
+
+# --- logging that a dead tracking server cannot stop ----------------------------------------------
+
+_journal: dict | None = None  # the current run's missed calls, once the server has failed
+
+
+def _call(send, record, run_id: str | None = None) -> None:
+    """Send one logging call; after the first failure, journal it (and every later one) instead.
+    `record()` makes the journal entry; it runs only when the call is journaled."""
+    global _journal
+    if _journal is None:
+        try:
+            with uninterrupted():  # a write cut in half would leave a SQLite store locked
+                send()
+            return
+        except Exception as exc:
+            run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
+            print(
+                f"warning: MLflow logging failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                f"training goes on, and the logging is kept in {MISSED}/{run_id}/",
+                file=sys.stderr,
+                flush=True,
+            )
+            _journal = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": run_id, "calls": []}
+    _journal["calls"].append(record())
+    sio.write_json(_journal_dir(_journal["run_id"]) / "journal.json", _journal)
+
+
+def _journal_dir(run_id: str) -> Path:
+    return repo_root() / MISSED / run_id
+
+
+def _keep_file(path: Path) -> str:
+    """A copy of a file for the journal: the original can be replaced by the next run."""
+    folder = _journal_dir(_journal["run_id"]) / "files" / str(len(_journal["calls"]))  # type: ignore[index]
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, folder / Path(path).name)
+    return str(folder / Path(path).name)
+
+
+def _flush_journal() -> None:
+    folder = _journal_dir(_journal["run_id"])  # type: ignore[index]
+    try:
+        replay(folder)
+        print(
+            f"MLflow: the missed logging of run {_journal['run_id']} was sent after all",  # type: ignore[index]
+            file=sys.stderr,
+        )
+    except Exception:
+        print(
+            f"warning: MLflow run {_journal['run_id']} is incomplete: "  # type: ignore[index]
+            f"{len(_journal['calls'])} logging calls are kept in {folder}; "  # type: ignore[index]
+            "when the server is back: python -m stages.tracking.replay",
+            file=sys.stderr,
+        )
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    metrics = {k: float(v) for k, v in metrics.items()}
+    timestamp = int(time.time() * 1000)
+    _call(
+        lambda: mlflow.log_metrics(metrics, step=step, timestamp=timestamp),
+        lambda: {"kind": "metrics", "metrics": metrics, "step": step, "timestamp": timestamp},
+    )
+
+
+def log_artifact(path: Path, folder: str | None = None) -> None:
+    _call(
+        lambda: mlflow.log_artifact(str(path), artifact_path=folder),
+        lambda: {"kind": "artifact", "file": _keep_file(path), "folder": folder},
+    )
+
+
+def log_model(model, example_input, checkpoint: Path) -> None:
+    """The trained network, loadable by mlflow.pytorch.load_model. MLflow 3 saves it in the
+    'pt2' format (a torch.export graph, no pickled code), traced on the example input.
+    `checkpoint` (the stage's state dict file, models/model.pt) goes with it as
+    extra_files/model.pt: model.pretrained = runs:/<id>/model starts a new run from it. It also
+    rebuilds the model if the call has to be replayed."""
+    _call(
+        lambda: flavour.log_model(model, example_input, checkpoint),
+        lambda: {"kind": "model", "checkpoint": _keep_file(checkpoint)},
+    )
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    tags = {k: str(v) for k, v in tags.items()}
+    _call(lambda: mlflow.set_tags(tags), lambda: {"kind": "tags", "tags": tags})

@@ -1,0 +1,142 @@
+"""The house's structure, read from the source with `ast` (nothing is imported or run):
+no import cycle in stages/, basics below networks/tracking/experiments, no stage importing a
+tool, and dvc.yaml's code deps equal to each stage's import closure."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ["check", "download", "augment", "train", "evaluate"]
+BASICS = ["params", "io", "errors", "runtime", "data", "regularize"]
+ROOMS = ["networks", "tracking", "experiments"]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_path(name: str) -> Path | None:
+    base = REPO / Path(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def with_packages(name: str) -> list[str]:
+    """Importing stages.a.b runs stages/__init__.py and stages/a/__init__.py first."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def imports_of(path: Path) -> set[str]:
+    """The stages.* modules a file imports anywhere in it (also inside functions)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from stages.x import y`: y is a submodule or a name in stages.x
+            names = [
+                f"{node.module}.{a.name}" if module_path(f"{node.module}.{a.name}") else node.module
+                for a in node.names
+            ]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] == "stages" and module_path(name):
+                found.update(n for n in with_packages(name) if module_path(n))
+    found.discard(module_name(path))
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted((REPO / "stages").rglob("*.py"))}
+
+
+def closure(start: str, edges: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), [*with_packages(start)]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(edges.get(name, ()))
+    return seen
+
+
+def test_no_import_cycle():
+    edges = graph()
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                cycle = path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_cycle_detection_works(monkeypatch):
+    """The cycle test itself: a graph with a circle fails it."""
+    monkeypatch.setattr(__import__(__name__), "graph", lambda: {"a": {"b"}, "b": {"c"}, "c": {"a"}})
+    try:
+        test_no_import_cycle()
+    except AssertionError as exc:
+        assert "a -> b -> c -> a" in str(exc)
+    else:
+        raise AssertionError("a cycle went unnoticed")
+
+
+def test_layering():
+    edges = graph()
+    for basic in BASICS:
+        above = {
+            m for m in edges[f"stages.{basic}"] if m.split(".")[1:2] and m.split(".")[1] in ROOMS
+        }
+        assert not above, f"basic module stages.{basic} imports {sorted(above)}"
+    for stage in STAGES:
+        tools = {m for m in closure(f"stages.{stage}", edges) if m.startswith("stages.experiments")}
+        assert not tools, f"stage {stage} imports the tools {sorted(tools)}"
+    for room in ["networks", "tracking"]:
+        tools = {
+            m
+            for m in edges
+            if m.startswith(f"stages.{room}")
+            for t in edges[m]
+            if t.startswith("stages.experiments")
+        }
+        assert not tools, f"stages.{room} imports a tool"
+
+
+def test_top_level_holds_the_stages_and_the_basics():
+    top = {p.stem for p in (REPO / "stages").glob("*.py")} - {"__init__"}
+    assert top == set(STAGES) | set(BASICS), sorted(top ^ (set(STAGES) | set(BASICS)))
+    assert {
+        p.name for p in (REPO / "stages").iterdir() if p.is_dir() and p.name != "__pycache__"
+    } == set(ROOMS)
+
+
+def test_dvc_code_deps_are_the_import_closure():
+    """A module a stage imports but doesn't declare would let DVC reuse a stale output; one it
+    declares but doesn't import reruns it for nothing."""
+    edges = graph()
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in STAGES:
+        declared = {d for d in pipeline[stage]["deps"] if d.startswith("stages/")}
+        needed = {str(module_path(m).relative_to(REPO)) for m in closure(f"stages.{stage}", edges)}
+        assert declared == needed, (
+            f"dvc.yaml stage {stage}: missing {sorted(needed - declared)}, "
+            f"not imported {sorted(declared - needed)}"
+        )
