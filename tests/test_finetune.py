@@ -17,7 +17,7 @@ from PIL import Image
 
 from stages import augment, download, evaluate, io as sio, params as P, regularize, train
 from stages.errors import ParamsError, StageError
-from stages.networks import efficientnet_lite, freeze, small, weights
+from stages.networks import efficientnet_lite, freeze, small, weights as pretrained_weights
 from stages.networks.build import Normalized, build_model
 
 SAMPLES = (
@@ -39,7 +39,7 @@ def lite0(weights: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     net = efficientnet_lite.EfficientNetLite0()
     if weights:
-        state, _ = weights.load_weights("imagenet", "efficientnet_lite0", "unused")
+        state, _ = pretrained_weights.load_weights("imagenet", "efficientnet_lite0", "unused")
         net.load_state_dict(state, strict=True)  # every key, every shape
     return Normalized(net, efficientnet_lite.MEAN, efficientnet_lite.STD).eval()
 
@@ -88,7 +88,7 @@ def test_imagenet_uses_torchvisions_weights_file(tmp_path, monkeypatch):
     expected = torchvision.models.resnet18().state_dict()
     torch.save(expected, cached)
 
-    state, info = weights.load_weights("imagenet", "resnet18", "unused")
+    state, info = pretrained_weights.load_weights("imagenet", "resnet18", "unused")
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
     assert info == {"name": "resnet18", "source": "imagenet", "sha256": sio.sha256_of(cached)}
@@ -106,7 +106,7 @@ def test_a_failed_download_is_one_clear_error(tmp_path, monkeypatch):
         match=r"could not download mobilenet_v3_small's ImageNet "
         r"weights .* set model.pretrained to its path",
     ):
-        weights.load_weights("imagenet", "mobilenet_v3_small", "unused")
+        pretrained_weights.load_weights("imagenet", "mobilenet_v3_small", "unused")
 
 
 class Exploit:
@@ -118,7 +118,7 @@ def test_a_checkpoint_holding_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"conv1.weight": Exploit()}, tmp_path / "evil.pt")
     with pytest.raises(StageError, match="not a plain PyTorch state dict.*refused"):
-        weights.load_weights(str(tmp_path / "evil.pt"), "net", "unused")
+        pretrained_weights.load_weights(str(tmp_path / "evil.pt"), "net", "unused")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -128,10 +128,10 @@ def test_loading_is_strict(tmp_path):
     state["extra.weight"] = torch.zeros(1)
     net = small.Net(3)
     with pytest.raises(StageError, match=r"1 missing \(e.g. conv2.bias\), 1 unexpected"):
-        weights.load_into(net, state, "net")
+        pretrained_weights.load_into(net, state, "net")
     wider = small.Net(10, width=2).state_dict()
     with pytest.raises(StageError, match="of another shape"):
-        weights.load_into(net, wider, "net")
+        pretrained_weights.load_into(net, wider, "net")
 
 
 def test_the_head_is_new_and_sized_for_the_target_classes():
@@ -139,7 +139,7 @@ def test_the_head_is_new_and_sized_for_the_target_classes():
     source = small.Net(10)
     target = small.Net(3)
     head_before = target.fc3.weight.clone()
-    loaded = weights.load_into(target, source.state_dict(), "net")
+    loaded = pretrained_weights.load_into(target, source.state_dict(), "net")
     assert "fc3.weight" not in loaded and target.fc3.weight.shape == (3, 84)
     assert torch.equal(target.fc3.weight, head_before)
     assert torch.equal(target.conv1.weight, source.conv1.weight)
@@ -256,7 +256,7 @@ def test_fine_tuning_lite0_trains_only_the_head_and_can_start_the_next_run(tiny_
     evaluate.main()  # the evaluate stage rebuilds the fine-tuned model from its params
     assert 0 <= json.loads(evaluate.METRICS.read_text())["test_accuracy"] <= 1
     state = sio.load_torch(train.MODEL)["state_dict"]
-    imagenet, info = weights.load_weights("imagenet", "efficientnet_lite0", "unused")
+    imagenet, info = pretrained_weights.load_weights("imagenet", "efficientnet_lite0", "unused")
     backbone = [k for k in imagenet if not k.startswith("_fc.")]
     assert all(
         torch.equal(state["net." + k], imagenet[k])
@@ -280,7 +280,9 @@ def test_fine_tuning_lite0_trains_only_the_head_and_can_start_the_next_run(tiny_
     assert run.data.metrics["trainable_parameters"] == 1280 * 3 + 3
     assert run.data.metrics["num_parameters"] > 3_000_000
 
-    from_run, run_info = weights.load_weights(f"runs:/{run_id}/model", "efficientnet_lite0", uri)
+    from_run, run_info = pretrained_weights.load_weights(
+        f"runs:/{run_id}/model", "efficientnet_lite0", uri
+    )
     assert from_run.keys() == {k[4:] for k in state if k.startswith("net.")}
     assert all(torch.equal(from_run[k], state["net." + k]) for k in from_run)
     assert run_info["source"] == f"runs:/{run_id}/model"
@@ -288,12 +290,12 @@ def test_fine_tuning_lite0_trains_only_the_head_and_can_start_the_next_run(tiny_
 
     mlflow.set_tracking_uri(uri)
     version = mlflow.register_model(f"runs:/{run_id}/model", "lite0-probe").version
-    from_registry, _ = weights.load_weights(
+    from_registry, _ = pretrained_weights.load_weights(
         f"models:/lite0-probe/{version}", "efficientnet_lite0", uri
     )
     assert all(torch.equal(from_registry[k], from_run[k]) for k in from_run)
     with pytest.raises(StageError, match="holds a efficientnet_lite0, but model.name is resnet18"):
-        weights.load_weights(f"runs:/{run_id}/model", "resnet18", uri)
+        pretrained_weights.load_weights(f"runs:/{run_id}/model", "resnet18", uri)
 
 
 def test_l2_sp_and_gradual_unfreezing_in_the_stage(tiny_data):
