@@ -136,9 +136,13 @@ def test_weight_decay_shrinks_the_weight_norm(optimizer):
         return math.sqrt(regularize.l2_penalty(model).item())
 
     lr = 0.05 if optimizer == "sgd" else 0.003
+    # AdamW's decoupled decay multiplies the weights by (1 - lr * weight_decay) each step: with 0.5
+    # that is 0.86 over the 100 steps, which Adam's own updates nearly undo (measured 0.90 of the
+    # plain norm, on the edge of the bound). With 2.0 it is 0.55 (measured 0.71); SGD and Adam
+    # (coupled L2) shrink to under 1% at either strength.
+    decayed = fit(fresh_net(), P.Train(optimizer=optimizer, lr=lr, momentum=0.0, weight_decay=2.0))
     plain = fit(fresh_net(), P.Train(optimizer=optimizer, lr=lr, momentum=0.0))
-    decayed = fit(fresh_net(), P.Train(optimizer=optimizer, lr=lr, momentum=0.0, weight_decay=0.5))
-    assert norm(decayed) < 0.9 * norm(plain)
+    assert norm(decayed) < 0.8 * norm(plain)
 
 
 # --- losses and labels ----------------------------------------------------------------------------
