@@ -1,11 +1,12 @@
 # make install: .venv with everything pinned in requirements.lock (idempotent)
-# make run:     install, then the whole pipeline (dvc repro)
+# make run:     install, then the whole pipeline (dvc repro) on the bundled CIFAR-10, then where
+#               its results are and the command that opens the MLflow UI on them
 # make test:    install, then the test suite
 # make lint:    ruff's linter and formatter check (pinned in requirements.lock); make format fixes
 # make bench:   epoch speed of the source's loop, the pipeline and pure compute
 # make preset:  a named set of params as one DVC experiment (make preset PRESET=fast-gpu)
 # make study:   the regularization study as queued DVC experiments, then its table
-#               (e.g. make study STUDY_ARGS="--source ../shared/data/cifar10-jpg.tar.gz")
+#               (e.g. make study STUDY_ARGS="--seeds 0 1")
 # make train-ddp NPROC=2:  the train stage as N data-parallel processes (torchrun; gloo on CPUs)
 # make mlflow-server:      a team tracking server on PostgreSQL, on loopback (README "Scaling out")
 VENV   := .venv
@@ -27,6 +28,7 @@ $(STAMP): requirements.lock
 
 run: install
 	dvc repro
+	python -m stages.tracking.summary
 
 test: install
 	$(PYTHON) -m pytest

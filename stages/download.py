@@ -68,16 +68,27 @@ SPLITS = ("train", "test")
 
 
 def main() -> None:
-    params = P.load()
-    data = params.data
-
+    data = P.load().data
     path, official_md5 = fetch(data.source)
-    sha256 = tree_sha256(path) if path.is_dir() else sio.sha256_of(path)
-    if data.sha256 and sha256 != data.sha256.lower():
-        raise StageError(
-            f"{path}: sha256 is {sha256}, but data.sha256 expects {data.sha256.lower()}"
-        )
+    sha256 = verify(path, data.sha256)
+    fmt, arrays, classes = read(path, data, sha256, official_md5)
+    write_outputs(data, fmt, arrays, classes, sha256, official_md5)
 
+
+def verify(path: Path, expected: str | None) -> str:
+    """The source's sha256 (a folder's tree hash), which must equal data.sha256 when that is set."""
+    sha256 = tree_sha256(path) if path.is_dir() else sio.sha256_of(path)
+    if expected and sha256 != expected.lower():
+        raise StageError(
+            f"{path}: sha256 is {sha256}, but data.sha256 expects {expected.lower()} "
+            f"(a new source? pin it with -S data.sha256={sha256}, or skip the check with "
+            "-S data.sha256=null)"
+        )
+    return sha256
+
+
+def read(path: Path, data: P.Data, sha256: str, official_md5: str | None):
+    """(format, arrays, classes) of a CIFAR pickle archive or an image folder."""
     if path.is_file() and _is_tar(path) and _cifar_pickle_layout(path):
         if official_md5 is None and not data.sha256:
             # Checked before a single byte is unpickled: only the user can vouch for these bytes.
@@ -85,12 +96,13 @@ def main() -> None:
                 f"{path} holds pickled CIFAR batches, and unpickling can run code: set data.sha256 "
                 f"to vouch for this archive (its sha256 is {sha256})"
             )
-        fmt = "cifar-pickle"
         arrays, classes = read_cifar_pickle(path, data.image_size, official_md5 is not None)
-    else:
-        fmt = "image-folder"
-        arrays, classes = read_image_folder(path, data.image_size)
+        return "cifar-pickle", arrays, classes
+    arrays, classes = read_image_folder(path, data.image_size)
+    return "image-folder", arrays, classes
 
+
+def write_outputs(data: P.Data, fmt: str, arrays: dict, classes: list, sha256: str, md5) -> None:
     for split in SPLITS:
         sio.save_array(OUT / f"{split}_images.npy", arrays[f"{split}_images"])
         sio.save_array(OUT / f"{split}_labels.npy", arrays[f"{split}_labels"])
@@ -100,7 +112,7 @@ def main() -> None:
             "source": data.source,
             "format": fmt,
             "sha256": sha256,  # always recorded (a tree hash for a folder), so it can be pinned later
-            "md5": official_md5,
+            "md5": md5,
             "classes": classes,
             "image_size": data.image_size,
             "train_count": len(arrays["train_labels"]),
@@ -470,21 +482,40 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 # --- the image-folder layout --------------------------------------------------------------------
 
 
+# Images are told by their name, as torchvision's ImageFolder does (its IMG_EXTENSIONS): a notes
+# file or a .DS_Store beside them is skipped and counted, while a .jpg that cannot be decoded is an
+# error naming it.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
 def read_image_folder(path: Path, image_size: int):
     """train/<class>/<file> and test/<class>/<file>, at any depth below the archive's root."""
     found: dict[str, dict[str, list[tuple[str, np.ndarray]]]] = {s: {} for s in SPLITS}
+    skipped: list[str] = []
     for name, data in iter_members(path):
         parts = PurePosixPath(name).parts
-        if any(p.startswith(".") or p == "__MACOSX" for p in parts):
-            continue  # .DS_Store, ._* resource forks and the like
         if data is None:  # a folder: train/<class>/ registers the class, even if empty
-            if len(parts) >= 2 and parts[-2] in SPLITS:
+            hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
+            if len(parts) >= 2 and parts[-2] in SPLITS and not hidden:
                 found[parts[-2]].setdefault(parts[-1], [])
             continue
+        if any(p.startswith(".") or p == "__MACOSX" for p in parts[:-1]):
+            skipped.append(name)  # inside __MACOSX/ or a hidden folder
+            continue
+        if parts[-1].startswith(".") or not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+            skipped.append(name)  # .DS_Store, ._* resource forks, README.md, notes.txt, …
+            continue
         if len(parts) < 3 or parts[-3] not in SPLITS:
-            continue  # README files, licences, anything outside train/ and test/
+            skipped.append(name)  # an image outside train/<class>/ and test/<class>/
+            continue
         split, cls = parts[-3], parts[-2]
         found[split].setdefault(cls, []).append((name, _decode(path, name, data, image_size)))
+    if skipped:
+        examples = ", ".join(sorted(skipped)[:3]) + (", …" if len(skipped) > 3 else "")
+        print(
+            f"download: skipped {len(skipped)} file(s) that are not images by their name or lie "
+            f"outside train/<class>/ and test/<class>/ ({examples})"
+        )
 
     for split in SPLITS:
         if not found[split]:

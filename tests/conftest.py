@@ -128,17 +128,16 @@ def folder_archive(tmp_path_factory) -> Path:
 def write_params(folder: Path, **overrides) -> dict:
     """The repository's params.yaml with dotted overrides, e.g. {"train.epochs": 2}.
 
-    A data.source that is a local file gets data.sha256 pinned to its hash, unless the overrides
-    set data.sha256 themselves (None: no checksum): the download stage unpickles a CIFAR pickle
-    archive only when data.sha256 vouches for it.
+    A data.source other than the default gets data.sha256 to match, unless the overrides set
+    data.sha256 themselves: a local file's hash (the download stage unpickles a CIFAR pickle
+    archive only when data.sha256 vouches for it), else None (no checksum), as a user would set it.
     """
     source = overrides.get("data.source")
     if isinstance(source, str) and "data.sha256" not in overrides:
         path = (
             Path(source) if Path(source).is_absolute() else folder / source
         )  # as the stage sees it
-        if path.is_file():
-            overrides = {**overrides, "data.sha256": sha256_of(path)}
+        overrides = {**overrides, "data.sha256": sha256_of(path) if path.is_file() else None}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for key, value in overrides.items():
         node = params

@@ -705,3 +705,35 @@ def test_official_cifar100_code_path(workdir, http_server, tmp_path, monkeypatch
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": "0" * 32})
     with pytest.raises(StageError, match="batch 'meta' is missing or fails its MD5 check"):
         run_download(workdir, **{"data.source": "cifar100"})
+
+
+def test_files_that_are_not_images_by_name_are_skipped_and_counted(workdir, tmp_path, capsys):
+    """A user's folder as it comes: notes, a README, macOS litter beside the images."""
+    source = tmp_path / "photos"
+    for name, data in image_folder_files().items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(data)
+    litter = {
+        "train/cat/notes.txt": b"shot on a rainy day",
+        "train/cat/.DS_Store": b"\0\0\0\1Bud1",
+        "test/dog/Thumbs.db": b"\xd0\xcf\x11\xe0",
+        "README.md": b"# my photos",
+    }
+    for name, data in litter.items():
+        (source / name).write_bytes(data)
+    raw = run_download(workdir, **{"data.source": str(source)})
+    out = capsys.readouterr().out
+    assert "skipped 4 file(s) that are not images by their name" in out
+    assert "README.md" in out and "test/dog/Thumbs.db" in out
+    expected = sum(1 for n in image_folder_files() if n.startswith("train/"))
+    assert len(raw["train_labels"]) == expected
+
+
+def test_an_image_that_cannot_be_decoded_is_still_an_error_naming_it(workdir, tmp_path):
+    source = tmp_path / "photos"
+    for name, data in image_folder_files().items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(data)
+    (source / "train/cat/IMG_0001.JPG").write_bytes(b"half a jpeg")
+    with pytest.raises(StageError, match="cannot read image 'train/cat/IMG_0001.JPG'"):
+        run_download(workdir, **{"data.source": str(source)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 from conftest import REPO, run_stage, write_params
 
 from stages import params as P
@@ -160,9 +161,28 @@ def _files(folder):
     }
 
 
-def test_every_stage_alone_exits_2_with_one_line_and_touches_nothing(workdir):
-    """Each stage checks params.yaml itself, before any work: also when run without DVC."""
-    write_params(workdir, **{"model.dropout": 1.0})
+DUPLICATE_SECTION = "\ntrain:\n  epochs: 3\n"  # a second train: section pasted at the end
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("dropout", "params.yaml: model.dropout = 1.0: Input should be less than 1"),
+        ("duplicate", "params.yaml: key 'train' is given twice (lines {first} and {second})"),
+    ],
+)
+def test_every_stage_alone_exits_2_with_one_line_and_touches_nothing(workdir, problem, message):
+    """Each stage checks params.yaml itself, before any work: also when run without DVC. A key
+    given twice is refused as DVC refuses it: YAML loaders would let the second silently win."""
+    if problem == "dropout":
+        write_params(workdir, **{"model.dropout": 1.0})
+    else:
+        write_params(workdir)
+        text = (workdir / "params.yaml").read_text()
+        first = text.splitlines().index("train:") + 1
+        second = len(text.splitlines()) + 2
+        (workdir / "params.yaml").write_text(text + DUPLICATE_SECTION)
+        message = message.format(first=first, second=second)
     for sentinel in [
         "data/params.ok",
         "data/raw/meta.json",
@@ -177,7 +197,29 @@ def test_every_stage_alone_exits_2_with_one_line_and_touches_nothing(workdir):
     for stage in ["check", "download", "augment", "train", "evaluate"]:
         result = run_stage(stage, workdir)
         assert result.returncode == 2, (stage, result.stderr)
-        assert result.stderr.strip().splitlines() == [
-            f"error ({stage}): params.yaml: model.dropout = 1.0: Input should be less than 1"
-        ], stage
+        assert result.stderr.strip().splitlines()[0].startswith(f"error ({stage}): {message}")
+        assert len(result.stderr.strip().splitlines()) == 1, (stage, result.stderr)
         assert _files(workdir) == before, stage
+
+
+def test_the_official_download_with_the_bundled_sha256_is_refused_with_the_fix():
+    """-S data.source=cifar10 alone keeps the bundled file's sha256: say what to add."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["source"] = "cifar10"
+    with pytest.raises(P.ParamsError, match=r"data.sha256 must be null .*-S data.sha256=null"):
+        P.parse(raw)
+    raw["data"]["sha256"] = None
+    assert P.parse(raw).data.source == "cifar10"
+
+
+def test_the_default_source_is_the_bundled_archive_with_its_hash():
+    data = P.load(REPO / "params.yaml").data
+    assert (
+        (data.source, data.sha256)
+        == (P.BUNDLED, P.BUNDLED_SHA256)
+        == (
+            P.Data().source,
+            P.Data().sha256,
+        )
+    )
+    assert (REPO / P.BUNDLED).is_file()
