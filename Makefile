@@ -8,7 +8,7 @@
 # make study:   the regularization study as queued DVC experiments, then its table
 #               (e.g. make study STUDY_ARGS="--seeds 0 1")
 # make train-ddp NPROC=2:  the train stage as N data-parallel processes (torchrun; gloo on CPUs)
-# make mlflow-server:      a team tracking server on PostgreSQL, on loopback (README "Scaling out")
+# make mlflow-server:      a team tracking server on PostgreSQL, on loopback (docs/scaling-out.md)
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed

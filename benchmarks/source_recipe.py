@@ -6,7 +6,7 @@ The network, the loss, SGD (lr 0.001, momentum 0.9), shuffled batches of 100 and
 50,000 training images are the source's, line for line; only the data come from the pipeline's
 data/raw/ (as ToTensor would make them: pixels / 255), and torch.manual_seed(seed) comes first.
 It prints each seed's test accuracy after every epoch, then the mean, standard deviation and
-range of the last epoch's: the yardstick for the pipeline's default run (README "Results").
+range of the last epoch's: the yardstick for the pipeline's default run (docs/techniques.md "Results").
 """
 
 from __future__ import annotations

@@ -292,9 +292,9 @@ def _failure(url: str, md5: str | None, exc: BaseException) -> StageError:
             f"(tried {RETRIES} times); nothing was kept"
         )
     return StageError(
-        f"could not download {url} ({_reason(exc)}). Without internet, set data.source to a local "
-        "archive or folder, e.g. dvc exp run -S data.source=/path/to/cifar10-jpg.tar.gz "
-        "(README: 'Offline use')"
+        f"could not download {url} ({_reason(exc)}). Without internet, use the bundled CIFAR-10 "
+        f"(dvc exp run -S data.source={P.BUNDLED} -S data.sha256={P.BUNDLED_SHA256}) or another "
+        "local archive or folder (docs/data.md)"
     )
 
 

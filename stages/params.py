@@ -146,7 +146,7 @@ class Train(Section):
     unfreeze_at_epoch: int = Field(0, ge=0)  # from this epoch on, model.freeze is lifted; 0 = never
     l2_sp: float = Field(0.0, ge=0)  # loss += l2_sp * sum (w - w_pretrained)^2 (L2-SP)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
-    compile: bool = False  # torch.compile the model (slower for net on a CPU: README "Speed")
+    compile: bool = False  # torch.compile the model (slower for net on a CPU: docs/speed.md)
     # PyTorch CPU threads; 0 = the cores this process may use, shared among running DVC queue workers
     threads: int = Field(0, ge=0)
     # processes of distributed data-parallel training (torchrun, one per GPU or a share of the
@@ -197,7 +197,7 @@ class Tasks(Section):
 
 
 class Evaluate(Section):
-    # The verdict (README: "Overfitting, underfitting"): underfitting when the model is poor on
+    # The verdict (docs/pipeline.md: "Overfitting, underfitting"): underfitting when the model is poor on
     # its own training data; overfitting when it is good there but much worse on new data.
     min_train_accuracy: float = Field(0.6, ge=0, le=1)  # below: underfitting
     max_gap: float = Field(0.1, ge=0, le=1)  # train - test accuracy above this: overfitting

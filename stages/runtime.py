@@ -19,8 +19,8 @@ def cpu_threads() -> int:
     """The cores this process may use, shared among DVC's running queue workers.
 
     `dvc queue start -j N` runs N experiments at once; N processes that each use every core
-    oversubscribe them, and PyTorch's spinning OpenMP threads then collapse (README "Parallel
-    queues": on 2 cores, two 2-thread trainings together were slower than one alone). Each
+    oversubscribe them, and PyTorch's spinning OpenMP threads then collapse (docs/experiments.md,
+    "Parallel queues": on 2 cores, two 2-thread trainings together were slower than one alone). Each
     worker leaves a pid file in DVC's queue folder; the live ones are counted.
     """
     cores = len(os.sched_getaffinity(0))

@@ -212,7 +212,9 @@ def test_offline_official_download_fails_with_one_line(workdir, monkeypatch):
         "cifar10",
         {"url": "http://127.0.0.1:9/cifar-10-python.tar.gz", "md5": "0" * 32},
     )
-    with pytest.raises(StageError, match="could not download .*set data.source to a local"):
+    with pytest.raises(
+        StageError, match="could not download .*Without internet, use the bundled CIFAR-10"
+    ):
         run_download(workdir, **{"data.source": "cifar10"})
     assert not (workdir / "data/downloads/cifar-10-python.tar.gz").exists()  # nothing partial left
 

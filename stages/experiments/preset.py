@@ -45,10 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         overrides = load(args.name)
-        raw = yaml.safe_load(P.PARAMS_FILE.read_text()) or {}
-        P.parse(
-            P.with_changes(raw, overrides)
-        )  # a wrong key in the preset fails here, before DVC runs
+        # A wrong key in the preset fails here, before DVC runs.
+        P.parse(P.with_changes(P.read_yaml(), overrides))
     except ParamsError as exc:
         sys.exit(f"error (preset): {exc}")
     sys.exit(subprocess.run(command(args.name, overrides, args.queue, args.extra)).returncode)

@@ -70,7 +70,7 @@ def load_grid(name: str, base: dict | None = None) -> Grid:
         )
     regime = data.get("regime") or {}
     rows = {row: changes or {} for row, changes in data["rows"].items()}
-    base = base if base is not None else (yaml.safe_load(P.PARAMS_FILE.read_text()) or {})
+    base = base if base is not None else P.read_yaml()
     for row, changes in rows.items():
         if not isinstance(changes, dict):
             raise ParamsError(f"{path}: row {row!r} must map params to values, got {changes!r}")
@@ -358,7 +358,7 @@ def check_committed_params(path: Path = P.PARAMS_FILE) -> None:
     if committed.returncode != 0:
         return  # not in git (yet): nothing to compare with
     old = P.flatten_dict(yaml.safe_load(committed.stdout) or {})
-    new = P.flatten_dict(yaml.safe_load(path.read_text()) or {})
+    new = P.flatten_dict(P.read_yaml(path))
     changed = sorted(
         k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>")
     )

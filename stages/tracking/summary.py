@@ -38,7 +38,8 @@ def main() -> None:
 
     print(
         f"results:    {EVAL}: test accuracy {metrics['test_accuracy']:.1%}, "
-        f"gap {metrics['generalization_gap']:+.1%}, verdict {metrics['verdict']}"
+        f"gap (train − test) {100 * metrics['generalization_gap']:+.1f} pt, "
+        f"verdict {metrics['verdict']}"
     )
     print(
         f"MLflow run: {run.info.run_name} (id {run_id}) in experiment '{experiment.name}', "
