@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from stages import io as sio
 
@@ -102,6 +101,8 @@ def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.T
     sign from `generator`; images that drew the same triple go through torchvision's op together,
     so the work is a few hundred batched calls per epoch, not one call per image.
     """
+    from torchvision.transforms import v2  # imported when used: torchvision costs seconds
+
     ta = v2.TrivialAugmentWide()
     space = list(ta._AUGMENTATION_SPACE.items())
     bins = ta.num_magnitude_bins
@@ -126,6 +127,8 @@ def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.T
 
 def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """Per-image brightness, contrast and saturation, each factor uniform in [1-s, 1+s]."""
+    from torchvision.transforms import v2
+
     n = images.shape[0]
 
     def factors() -> torch.Tensor:
