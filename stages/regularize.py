@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torchvision.transforms import v2
 
 
 def penalized_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -55,6 +54,8 @@ def label_mixer(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
     Called as `images, targets = mixer(images, labels)`: targets are class probabilities that sum
     to one. They draw from torch's global generator, which train seeds at every epoch.
     """
+    from torchvision.transforms import v2  # imported when used: torchvision costs seconds
+
     mixers = []
     if mixup_alpha > 0:
         mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))

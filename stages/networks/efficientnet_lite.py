@@ -15,7 +15,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import stochastic_depth
 
 MEAN = (127 / 255,) * 3
 STD = (128 / 255,) * 3
@@ -83,6 +82,8 @@ class MBConvBlock(nn.Module):
         h = F.relu6(self._bn1(self._depthwise_conv(h)))
         h = self._bn2(self._project_conv(h))
         if self.skip:
+            from torchvision.ops import stochastic_depth  # torchvision.ops costs seconds to import
+
             h = x + stochastic_depth(h, self.drop, "row", self.training)
         return h
 

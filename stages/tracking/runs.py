@@ -20,10 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import mlflow
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from stages import io as sio, params as P
 from stages.errors import uninterrupted
@@ -31,6 +28,13 @@ from stages.runtime import repo_root
 from stages.tracking import flavour
 from stages.tracking.replay import MISSED, replay
 from stages.tracking.store import check_reachable, tracking_uri
+
+if TYPE_CHECKING:
+    import mlflow
+
+# mlflow is imported where it is first used, not here: `import mlflow` takes seconds (it pulls in
+# pandas, its GenAI and gateway modules), and a stage should start its work, and the tracking
+# server check, without waiting for it.
 
 
 @contextmanager
@@ -57,6 +61,9 @@ def _experiment_id(name: str, uri: str) -> str:
 
 
 def _get_or_create_experiment(name: str, uri: str) -> str:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -103,6 +110,8 @@ def start_run(
     `resume_id`, the run of an interrupted training that is being resumed."""
     uri = tracking_uri(params.mlflow)
     check_reachable(uri)
+    import mlflow
+
     mlflow.set_tracking_uri(uri)
     if resume_id:
         with uninterrupted():
@@ -128,6 +137,8 @@ def start_run(
 def resume_run(run_id: str, mlflow_params: P.Mlflow) -> Iterator[mlflow.ActiveRun]:
     uri = tracking_uri(mlflow_params)
     check_reachable(uri)
+    import mlflow
+
     mlflow.set_tracking_uri(uri)
     with uninterrupted():
         run = mlflow.start_run(run_id=run_id)
@@ -139,6 +150,8 @@ def resume_run(run_id: str, mlflow_params: P.Mlflow) -> Iterator[mlflow.ActiveRu
 def _ended_by_outcome(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     """End the run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any other error); then send
     whatever a dead server missed once more, or say where it is kept."""
+    import mlflow
+
     global _journal
     _journal = None
     status = "FINISHED"
@@ -175,6 +188,8 @@ def _call(send, record, run_id: str | None = None) -> None:
                 send()
             return
         except Exception as exc:
+            import mlflow
+
             run_id = run_id or mlflow.active_run().info.run_id  # type: ignore[union-attr]
             print(
                 f"warning: MLflow logging failed ({type(exc).__name__}: {str(exc)[:200]}); "
@@ -219,6 +234,8 @@ def _flush_journal() -> None:
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     metrics = {k: float(v) for k, v in metrics.items()}
     timestamp = int(time.time() * 1000)
+    import mlflow
+
     _call(
         lambda: mlflow.log_metrics(metrics, step=step, timestamp=timestamp),
         lambda: {"kind": "metrics", "metrics": metrics, "step": step, "timestamp": timestamp},
@@ -226,6 +243,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 
 def log_artifact(path: Path, folder: str | None = None) -> None:
+    import mlflow
+
     _call(
         lambda: mlflow.log_artifact(str(path), artifact_path=folder),
         lambda: {"kind": "artifact", "file": _keep_file(path), "folder": folder},
@@ -246,4 +265,6 @@ def log_model(model, example_input, checkpoint: Path) -> None:
 
 def set_tags(tags: dict[str, Any]) -> None:
     tags = {k: str(v) for k, v in tags.items()}
+    import mlflow
+
     _call(lambda: mlflow.set_tags(tags), lambda: {"kind": "tags", "tags": tags})
