@@ -123,7 +123,10 @@ class Scratch:
     def experiments(self) -> int:
         """How many experiments DVC has collected (refs/exps/...): cheap to ask, unlike
         `dvc queue status`, which costs a second of CPU."""
-        return len(self.run("git", "for-each-ref", "refs/exps").splitlines())
+        refs = self.run("git", "for-each-ref", "--format=%(refname)", "refs/exps").split()
+        # refs/exps/<baseline sha[:2]>/<sha[2:]>/<name>; not the queue's stash (refs/exps/celery)
+        # nor the running executor's refs (refs/exps/exec), which exist while it runs
+        return sum(len(r.split("/")) == 5 and len(r.split("/")[2]) == 2 for r in refs)
 
     def queue_busy(self) -> bool:
         status = self.run("dvc", "queue", "status")
@@ -189,7 +192,8 @@ def breakdown(scratch: Scratch, repeats: int, startup: dict[str, float]) -> dict
             row = runs[kind][-1]
             print(
                 f"repeat {rep + 1}/{repeats} {kind}: wall {row['wall']:.1f} s, epochs "
-                f"{row['epochs']:.1f} s, overhead {row['overhead']:.1f} s (dvc {row['dvc']:.1f})",
+                f"{row['epochs']:.1f} s, overhead {row['overhead']:.1f} s: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k not in ("wall", "epochs")),
                 flush=True,
             )
     return {
