@@ -3,7 +3,8 @@
 #               its results are and the command that opens the MLflow UI on them
 # make test:    install, then the test suite
 # make lint:    ruff's linter and formatter check (pinned in requirements.lock); make format fixes
-# make bench:   epoch speed of the source's loop, the pipeline and pure compute
+# make bench:   epoch speed of the source's loop, the pipeline and pure compute; stage start-up;
+#               with BENCH_DATA=<archive> BENCH_SHA256=<hash>, the cost around each experiment
 # make preset:  a named set of params as one DVC experiment (make preset PRESET=fast-gpu)
 # make study:   the regularization study as queued DVC experiments, then its table
 #               (e.g. make study STUDY_ARGS="--seeds 0 1")
@@ -61,11 +62,19 @@ SERVER_ARGS ?=
 mlflow-server: install
 	python -m stages.tracking.server $(SERVER_ARGS)
 
-# Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md})
+# Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md});
+# with BENCH_DATA (a CIFAR-10 archive, data.source) and BENCH_SHA256 (its data.sha256), also the
+# cost around each `dvc exp run` and the queue's throughput with 1 and 2 workers
+# (benchmarks/overhead.py: reports/overhead.{json,md}; about 15 minutes).
+BENCH_DATA   ?=
+BENCH_SHA256 ?=
 bench: install
 	python benchmarks/bench.py
 	python benchmarks/threads.py
 	python benchmarks/compile.py
+	@if [ -n "$(BENCH_DATA)" ]; then \
+	  python benchmarks/overhead.py all --source "$(BENCH_DATA)" --sha256 "$(BENCH_SHA256)"; \
+	else echo "overhead.py skipped: set BENCH_DATA=<archive> BENCH_SHA256=<its sha256>"; fi
 
 # Re-pin after changing pyproject.toml's dependencies. CUDA wheels are left to torch's own pins,
 # so that the lock also installs where they don't exist.
