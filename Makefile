@@ -4,7 +4,7 @@
 # make test:    install, then the test suite
 # make lint:    ruff's linter and formatter check (pinned in requirements.lock); make format fixes
 # make bench:   epoch speed of the source's loop, the pipeline and pure compute; stage start-up;
-#               with BENCH_DATA=<archive> BENCH_SHA256=<hash>, the cost around each experiment
+#               the cost around each experiment and the queue's throughput
 # make preset:  a named set of params as one DVC experiment (make preset PRESET=fast-gpu)
 # make study:   the regularization study as queued DVC experiments, then its table
 #               (e.g. make study STUDY_ARGS="--seeds 0 1")
@@ -62,19 +62,17 @@ SERVER_ARGS ?=
 mlflow-server: install
 	python -m stages.tracking.server $(SERVER_ARGS)
 
-# Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md});
-# with BENCH_DATA (a CIFAR-10 archive, data.source) and BENCH_SHA256 (its data.sha256), also the
-# cost around each `dvc exp run` and the queue's throughput with 1 and 2 workers
-# (benchmarks/overhead.py: reports/overhead.{json,md}; about 15 minutes).
-BENCH_DATA   ?=
-BENCH_SHA256 ?=
+# Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md}),
+# then the cost around each `dvc exp run` and the queue's throughput with 1 and 2 workers
+# (benchmarks/overhead.py: reports/overhead.{json,md}; about 15 minutes), on the bundled CIFAR-10
+# unless BENCH_DATA (a data.source) and BENCH_SHA256 (its data.sha256) say otherwise.
+BENCH_DATA   ?= datasets/cifar10-jpg.tar.gz
+BENCH_SHA256 ?= 097287809041e0a666355dfce11470ba1b3f2631fe910d8793c716253f10b297
 bench: install
 	python benchmarks/bench.py
 	python benchmarks/threads.py
 	python benchmarks/compile.py
-	@if [ -n "$(BENCH_DATA)" ]; then \
-	  python benchmarks/overhead.py all --source "$(BENCH_DATA)" --sha256 "$(BENCH_SHA256)"; \
-	else echo "overhead.py skipped: set BENCH_DATA=<archive> BENCH_SHA256=<its sha256>"; fi
+	python benchmarks/overhead.py all --source "$(BENCH_DATA)" --sha256 "$(BENCH_SHA256)"
 
 # Re-pin after changing pyproject.toml's dependencies. CUDA wheels are left to torch's own pins,
 # so that the lock also installs where they don't exist.

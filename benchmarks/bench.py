@@ -16,7 +16,7 @@ and, for `compute_limit_aug`, pre-made batches of already augmented images (no a
 Figures are images per second, medians over the repeats. Also timed: MLflow logging per epoch,
 each stage's start-up (importing its module) and a no-op `dvc repro`.
 
-Data: data/raw/ when a pipeline run left it, else ../shared/data/cifar10-jpg.tar.gz, else a
+Data: data/raw/ when a pipeline run left it, else the bundled datasets/cifar10-jpg.tar.gz, else a
 synthetic set of the same shape (random pixels, random labels).
 """
 
@@ -47,7 +47,7 @@ from stages import params as P, train  # noqa: E402
 from stages.data import Policy, augment, epoch_generator, to_float  # noqa: E402
 from stages.networks import small  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+BUNDLED = REPO / P.BUNDLED  # the real CIFAR-10 that ships with the repository
 BATCH = 100
 
 
@@ -71,14 +71,14 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
         images, labels = np.load(raw / "train_images.npy"), np.load(raw / "train_labels.npy")
         if images.shape[1:] == (3, 32, 32):
             return torch.from_numpy(images), torch.from_numpy(labels), f"{raw} (from the pipeline)"
-    if SHARED.exists():
+    if BUNDLED.exists():
         from stages.download import read_image_folder
 
-        arrays, _ = read_image_folder(SHARED, 32)
+        arrays, _ = read_image_folder(BUNDLED, 32)
         return (
             torch.from_numpy(arrays["train_images"]),
             torch.from_numpy(arrays["train_labels"]),
-            str(SHARED),
+            str(BUNDLED),
         )
     g = torch.Generator().manual_seed(0)
     return (

@@ -1,8 +1,8 @@
 """Where the wall time of a `dvc exp run` goes, and what parallel queue workers give.
 
-    python benchmarks/overhead.py breakdown --source ARCHIVE --sha256 HASH [--repeats 3]
-    python benchmarks/overhead.py queue     --source ARCHIVE --sha256 HASH [--experiments 6]
-    (make bench runs both when ../shared/data/cifar10-jpg.tar.gz exists)
+    python benchmarks/overhead.py breakdown [--source ARCHIVE --sha256 HASH] [--repeats 3]
+    python benchmarks/overhead.py queue     [--source ARCHIVE --sha256 HASH] [--experiments 6]
+    (make bench runs both, on the bundled datasets/cifar10-jpg.tar.gz)
 
 Both work in a scratch clone of this repository (the files git tracks, a fresh git repository,
 its own mlflow.db) in the 5,000-image regime (data.train_size 5000, lr 0.01), after one
@@ -50,6 +50,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from bench import time_startups  # noqa: E402
 from conftest import copy_repo, write_params  # noqa: E402
+
+from stages import params as P  # noqa: E402
 
 STAGES = ("check", "download", "augment", "train", "evaluate")
 REGIME = {"data.train_size": 5000, "train.lr": 0.01}
@@ -261,8 +263,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("what", choices=["breakdown", "queue", "all"])
-    parser.add_argument("--source", required=True, help="data.source: the CIFAR-10 archive")
-    parser.add_argument("--sha256", required=True, help="data.sha256 of that archive")
+    parser.add_argument(
+        "--source", default=P.BUNDLED, help="data.source (default: the bundled one)"
+    )
+    parser.add_argument("--sha256", default=P.BUNDLED_SHA256, help="data.sha256 of that source")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3, help="per experiment, breakdown")
     parser.add_argument("--experiments", type=int, default=6, help="queue")
