@@ -88,10 +88,21 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
     )
 
 
-def fresh_model_and_optimizer():
+CPU = torch.device("cpu")
+
+
+def fresh_model_and_optimizer(device: torch.device = CPU):
     torch.manual_seed(0)
     model = small.Net(10)
+    if device.type == "cuda":  # as the train stage puts it there
+        model.to(device, memory_format=torch.channels_last)
     return model, torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+
+
+def synchronize(device: torch.device) -> None:
+    """On a GPU, wait for the queued work, so that a timer reads what it ran."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_source_loop(images, labels, aug: bool) -> float:
@@ -115,12 +126,15 @@ def time_source_loop(images, labels, aug: bool) -> float:
 
 
 def time_pipeline(images, labels, aug: bool, epoch: int) -> float:
-    model, _ = fresh_model_and_optimizer()
+    """train_one_epoch, as the train stage runs it, on the device the images are on."""
+    device = images.device
+    model, _ = fresh_model_and_optimizer(device)
     params = P.Train(lr=0.001, momentum=0.9, batch_size=BATCH)
     optimizer = train.make_optimizer(params, model)
     scheduler = train.make_scheduler(params, optimizer, len(images) // BATCH)
     loss_fn = train.make_loss(params, model, None)
     policy = Policy(flip=True, crop_padding=4) if aug else Policy()
+    synchronize(device)
     start = time.perf_counter()
     train.train_one_epoch(
         model,
@@ -134,27 +148,39 @@ def time_pipeline(images, labels, aug: bool, epoch: int) -> float:
         None,
         epoch_generator(0, epoch),
     )
+    synchronize(device)
     return time.perf_counter() - start
 
 
 def premade_batches(images, labels, aug: bool):
+    """Float batches made in advance, where the images are (channels-last on a GPU)."""
     if aug:
         images = augment(images, Policy(flip=True, crop_padding=4), epoch_generator(0, 99))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
+    order = order.to(images.device)
+    memory_format = torch.channels_last if images.is_cuda else torch.contiguous_format
     return [
-        (to_float(images[order[i : i + BATCH]]), labels[order[i : i + BATCH]])
+        (
+            to_float(images[order[i : i + BATCH]]).contiguous(memory_format=memory_format),
+            labels[order[i : i + BATCH]],
+        )
         for i in range(0, len(images), BATCH)
     ]
 
 
 def time_compute(batches) -> float:
-    model, optimizer = fresh_model_and_optimizer()
+    """Forward, backward and step over pre-made batches (bf16 autocast on a GPU, as in training)."""
+    device = batches[0][0].device
+    model, optimizer = fresh_model_and_optimizer(device)
+    synchronize(device)
     start = time.perf_counter()
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    synchronize(device)
     return time.perf_counter() - start
 
 

@@ -30,24 +30,20 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import bench  # noqa: E402  the net epoch rows, here on the GPU
+
 from stages import params as P, train  # noqa: E402
-from stages.data import Policy, augment, epoch_generator, load_split, to_float  # noqa: E402
-from stages.networks import predict, small  # noqa: E402
+from stages.data import load_split  # noqa: E402
+from stages.networks import predict  # noqa: E402
 
 PREPARED = REPO / "data" / "prepared"
 RAW = REPO / "data" / "raw"
 PRESET = REPO / "stages" / "experiments" / "presets" / "fast-gpu.yaml"
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def prepare_data() -> None:
@@ -84,29 +80,17 @@ def train_preset(params: P.Params) -> dict:
     state = train.set_up_training(params, data, model)
     train_seconds, measure_seconds, history = [], [], []
     for epoch in range(1, params.train.epochs + 1):
-        torch.manual_seed(params.seed * 1_000_003 + epoch)  # as train.fit does
-        synchronize()
+        bench.synchronize(proc.device)
         start = time.perf_counter()
-        train.train_one_epoch(
-            model.forward,
-            data.train_x,
-            data.train_y,
-            state.optimizer,
-            state.scheduler,
-            state.loss_fn,
-            params.train.batch_size,
-            state.policy,
-            state.mixer,
-            epoch_generator(params.seed, epoch),
-        )
-        synchronize()
+        train.run_epoch(params, data, model, state, epoch)
+        bench.synchronize(proc.device)
         middle = time.perf_counter()
         row = {
             "epoch": epoch,
             **predict.measure(model.measured, data.train_x, data.train_y, "train"),
             **predict.measure(model.measured, data.val_x, data.val_y, "val"),
         }
-        synchronize()
+        bench.synchronize(proc.device)
         train_seconds.append(middle - start)
         measure_seconds.append(time.perf_counter() - middle)
         history.append(row)
@@ -130,72 +114,20 @@ def train_preset(params: P.Params) -> dict:
     }
 
 
-def net_epoch(images, labels, aug: bool, epoch: int, device: torch.device) -> float:
-    """train_one_epoch of the source's net on the GPU, as the train stage runs it."""
-    torch.manual_seed(0)
-    model = small.Net(10).to(device, memory_format=torch.channels_last)
-    params = P.Train(lr=0.001, momentum=0.9, batch_size=100)
-    optimizer = train.make_optimizer(params, model)
-    scheduler = train.make_scheduler(params, optimizer, len(images) // 100)
-    loss_fn = train.make_loss(params, model, None)
-    policy = Policy(flip=True, crop_padding=4) if aug else Policy()
-    synchronize()
-    start = time.perf_counter()
-    train.train_one_epoch(
-        model, images, labels, optimizer, scheduler, loss_fn, 100, policy, None,
-        epoch_generator(0, epoch),
-    )  # fmt: skip
-    synchronize()
-    return time.perf_counter() - start
-
-
-def net_compute_limit(batches, device: torch.device) -> float:
-    """Forward, backward and step over pre-made float batches: the same work, no data path."""
-    torch.manual_seed(0)
-    model = small.Net(10).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    cuda = device.type == "cuda"
-    synchronize()
-    start = time.perf_counter()
-    for x, y in batches:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    synchronize()
-    return time.perf_counter() - start
-
-
 def net_rows(device: torch.device, repeats: int) -> dict:
     images, labels = load_split(RAW, "train")
     images, labels = images.to(device), labels.to(device)
     n = len(images)
 
-    def premade(aug: bool):
-        x = (
-            augment(images, Policy(flip=True, crop_padding=4), epoch_generator(0, 99))
-            if aug
-            else images
-        )
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(1)).to(device)
-        return [
-            (
-                to_float(x[order[i : i + 100]]).contiguous(memory_format=torch.channels_last),
-                labels[order[i : i + 100]],
-            )
-            for i in range(0, n, 100)
-        ]
-
-    batches = {False: premade(False), True: premade(True)}
-    net_epoch(images, labels, False, 0, device)  # warm-up: cuDNN's first calls
-    net_compute_limit(batches[False], device)
+    batches = {aug: bench.premade_batches(images, labels, aug) for aug in (False, True)}
+    bench.time_pipeline(images, labels, False, 0)  # warm-up: cuDNN's first calls
+    bench.time_compute(batches[False])
     seconds = {k: [] for k in ("pipeline", "compute_limit", "pipeline_aug", "compute_limit_aug")}
     for rep in range(repeats):
         for aug in (False, True):
             suffix = "_aug" if aug else ""
-            seconds["pipeline" + suffix].append(net_epoch(images, labels, aug, rep + 1, device))
-            seconds["compute_limit" + suffix].append(net_compute_limit(batches[aug], device))
+            seconds["pipeline" + suffix].append(bench.time_pipeline(images, labels, aug, rep + 1))
+            seconds["compute_limit" + suffix].append(bench.time_compute(batches[aug]))
     medians = {k: statistics.median(v) for k, v in seconds.items()}
     return {
         "images": n,

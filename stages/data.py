@@ -71,11 +71,6 @@ def augment(images: torch.Tensor, policy: Policy, generator: torch.Generator) ->
     return images
 
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """torchvision's RandomCrop(size, padding) per image, done for the whole batch at once."""
-    return crop_and_flip(images, padding, False, generator)
-
-
 def crop_and_flip(
     images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator
 ) -> torch.Tensor:

@@ -494,16 +494,14 @@ def read_image_folder(path: Path, image_size: int):
     skipped: list[str] = []
     for name, data in iter_members(path):
         parts = PurePosixPath(name).parts
+        # .DS_Store, ._* resource forks, __MACOSX/: hidden, never images or classes
+        hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
         if data is None:  # a folder: train/<class>/ registers the class, even if empty
-            hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
             if len(parts) >= 2 and parts[-2] in SPLITS and not hidden:
                 found[parts[-2]].setdefault(parts[-1], [])
             continue
-        if any(p.startswith(".") or p == "__MACOSX" for p in parts[:-1]):
-            skipped.append(name)  # inside __MACOSX/ or a hidden folder
-            continue
-        if parts[-1].startswith(".") or not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
-            skipped.append(name)  # .DS_Store, ._* resource forks, README.md, notes.txt, …
+        if hidden or not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+            skipped.append(name)  # and README.md, notes.txt, Thumbs.db, …
             continue
         if len(parts) < 3 or parts[-3] not in SPLITS:
             skipped.append(name)  # an image outside train/<class>/ and test/<class>/

@@ -316,24 +316,8 @@ def fit(
         still_frozen = not t.unfreeze_at_epoch or epoch < t.unfreeze_at_epoch
         for p in model.frozen:
             p.requires_grad_(not still_frozen)  # no gradient: the optimizer leaves it alone
-        # dropout, mixup: replayable per epoch, and different on each process
-        torch.manual_seed(params.seed * 1_000_003 + epoch + 7919 * proc.rank)
         start = time.perf_counter()
-        batch_loss = train_one_epoch(
-            model.forward,
-            data.train_x,
-            data.train_y,
-            state.optimizer,
-            state.scheduler,
-            state.loss_fn,
-            t.batch_size,
-            state.policy,
-            state.mixer,
-            epoch_generator(params.seed, epoch),
-            desc=f"epoch {epoch}/{t.epochs}",
-            task_loss=state.task_loss,
-            shard=shard,
-        )
+        batch_loss = run_epoch(params, data, model, state, epoch, shard)
         seconds = time.perf_counter() - start
         row = {
             "epoch": epoch,
@@ -355,6 +339,30 @@ def fit(
                     flush=True,
                 )
             break
+
+
+def run_epoch(
+    params: P.Params, data: Data, model: Model, state: Training, epoch: int, shard=(0, 1)
+) -> float:
+    """Epoch `epoch` of training, its random draws replayable from (seed, epoch, rank): the
+    augmentation and shuffle from epoch_generator, dropout and mixup from torch's global seed,
+    which differs on each process. Returns the mean batch loss."""
+    torch.manual_seed(params.seed * 1_000_003 + epoch + 7919 * shard[0])
+    return train_one_epoch(
+        model.forward,
+        data.train_x,
+        data.train_y,
+        state.optimizer,
+        state.scheduler,
+        state.loss_fn,
+        params.train.batch_size,
+        state.policy,
+        state.mixer,
+        epoch_generator(params.seed, epoch),
+        desc=f"epoch {epoch}/{params.train.epochs}",
+        task_loss=state.task_loss,
+        shard=shard,
+    )
 
 
 def log_epoch(row: dict, batch_loss: float, seconds: float, state: Training, model: Model) -> None:

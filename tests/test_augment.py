@@ -11,7 +11,7 @@ import torch
 from conftest import TINY, write_params
 
 from stages import augment as augment_stage, download, io as sio, train
-from stages.data import Policy, augment, epoch_generator, random_crop
+from stages.data import Policy, augment, crop_and_flip, epoch_generator
 from stages.errors import StageError
 
 
@@ -87,7 +87,7 @@ def test_offline_copies(workdir, pickle_archive):
 
 def test_crop_takes_a_window_of_the_zero_padded_image():
     images = torch.randint(1, 255, (64, 3, 8, 8), dtype=torch.uint8)
-    out = random_crop(images, 2, torch.Generator().manual_seed(0))
+    out = crop_and_flip(images, 2, False, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     assert out.shape == images.shape and out.dtype == torch.uint8
     offsets = set()
