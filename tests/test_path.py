@@ -152,6 +152,7 @@ def test_the_validation_best_strength_is_chosen_not_the_test_best(tmp_path, mlfl
             "param": "train.l2",
             "value": 1e-4,
             "baseline": False,
+            "changes": {"train.l2": 1e-4},
             "val_accuracy": pytest.approx(0.47),
             "test_accuracy": pytest.approx(0.43),
             "seeds": [0, 1, 2],
@@ -169,7 +170,7 @@ def test_when_the_baseline_wins_on_validation_the_report_says_so(tmp_path, mlflo
     assert "none of these strengths beats no regularization on validation" in text
     assert row(text, "**baseline (none) ✓**")[0] == "**baseline (none) ✓**"
     chosen = json.loads((tmp_path / "reports/sw-chosen.json").read_text())["l2"]
-    assert chosen["baseline"] is True and chosen["value"] == 0.0
+    assert chosen["baseline"] is True and chosen["value"] == 0.0 and chosen["changes"] == {}
 
 
 def test_a_missing_seed_pairs_only_the_seeds_both_have(tmp_path, mlflow_store):
@@ -290,3 +291,26 @@ def test_the_committed_sweep_grid_loads():
         "3",
         {"train.early_stopping.patience": 3, "train.early_stopping.enabled": True},
     )
+
+
+def test_the_strength_is_read_from_the_logged_params_not_the_name(tmp_path, mlflow_store):
+    # A name's label is for people, and can round (f"{1.234567e-4:g}" is "0.000123457"): the
+    # value a run logged is the truth. Here the runs named 0.0001 logged 1.5e-4.
+    strengths = {**STRENGTH, "l2-0.0001": 1.5e-4}
+    grid = l2_sweep(tmp_path, mlflow_store)
+    _, client, experiment_id = mlflow_store
+    for run in client.search_runs([experiment_id], "tags.`dvc.exp_name` LIKE 'sw-l2-0.0001-%'"):
+        client.delete_run(run.info.run_id)  # deleted runs are not searched
+    for seed, (train, val, test) in enumerate(RUNS["l2-0.0001"]):
+        params = {"train.l2": strengths["l2-0.0001"], "seed": seed}
+        add_run(client, experiment_id, f"sw-l2-0.0001-s{seed}", params, train, val, test)
+    build(tmp_path, mlflow_store, grid)
+    assert json.loads((tmp_path / "reports/sw-chosen.json").read_text())["l2"]["value"] == 1.5e-4
+
+
+def test_the_command_line_refuses_an_unknown_grid_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["path", "--grid", "nope"])
+    with pytest.raises(SystemExit) as exit_:
+        path.main()
+    assert str(exit_.value).startswith("error (path): no grid 'nope' (known: ")
+    assert "\n" not in str(exit_.value)

@@ -300,12 +300,16 @@ def _pm(point: Point, key: str, unit: str = "%") -> str:
     return f"{point.mean(key):.1f} ± {point.std(key):.1f}{unit}"
 
 
+def _signed(value: float) -> str:
+    return f"{round(value, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+
+
 def _diff(d: Difference | None) -> str:
     if d is None:
         return "—"
     if d.half is None:
-        return f"{d.mean:+.1f} pt [—]"
-    return f"{d.mean:+.1f} pt [{d.mean - d.half:+.1f}, {d.mean + d.half:+.1f}]"
+        return f"{_signed(d.mean)} pt [—]"
+    return f"{_signed(d.mean)} pt [{_signed(d.mean - d.half)}, {_signed(d.mean + d.half)}]"
 
 
 def _seeds(point: Point, seeds: tuple[int, ...]) -> str:
@@ -390,6 +394,8 @@ def chosen_json(sweep: Sweep, baseline: Point | None, chosen: dict) -> dict:
             "param": t.param,
             "value": value,  # as logged (for the baseline: the regime's own value)
             "baseline": best is baseline,
+            # every change of the point, to rerun it (early stopping's enabled: true, say)
+            "changes": {} if best is baseline else dict(t.points)[best.label],
             "val_accuracy": round(best.mean("validation") / 100, 6),
             "test_accuracy": round(best.mean("test") / 100, 6),
             "seeds": sorted(best.runs),
@@ -436,7 +442,15 @@ def figure(t: Technique, points: list[Point], baseline: Point | None, best: Poin
             lowest = min(lowest, baseline.mean(key))
     if best is not baseline:
         ax.axvline(best.x, color="black", ls=":", lw=1.2, label="chosen on validation")
-        ax.plot([best.x], [best.mean("test")], "*", color="black", ms=12)
+        ax.plot(
+            [best.x],
+            [best.mean("test")],
+            "*",
+            color="black",
+            ms=12,
+            ls="none",
+            label="its test accuracy",
+        )
     if t.scale == "log":
         ax.set_xscale("log")
     # Honest axes: accuracy and gap on the whole 0-100% range (below 0 only for a negative gap),
@@ -447,6 +461,8 @@ def figure(t: Technique, points: list[Point], baseline: Point | None, best: Poin
     ax.set(xlabel=xlabel, ylabel="percent", title=f"{t.name}: accuracy and gap against {t.param}")
     ax.grid(alpha=0.3)
     title = "mean ± std over seeds" + ("; dashed: baseline" if baseline else "")
+    if best is baseline:
+        title += "\nchosen on validation: the baseline\n(no strength here beats it)"
     ax.legend(
         fontsize=8, title=title, title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5)
     )
@@ -525,7 +541,8 @@ def build(
         for r in p.runs.values()
     ]
     for run in children:
-        client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+        if run.data.tags.get("mlflow.parentRunId") != parent:
+            client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
     return report
 
 
