@@ -413,7 +413,7 @@ def figure(t: Technique, points: list[Point], baseline: Point | None, best: Poin
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))  # room for the legend on the right
     points = sorted(points, key=lambda p: p.x)
     xs = [p.x for p in points]
     lowest = 0.0
