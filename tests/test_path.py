@@ -306,6 +306,10 @@ def test_the_strength_is_read_from_the_logged_params_not_the_name(tmp_path, mlfl
         add_run(client, experiment_id, f"sw-l2-0.0001-s{seed}", params, train, val, test)
     build(tmp_path, mlflow_store, grid)
     assert json.loads((tmp_path / "reports/sw-chosen.json").read_text())["l2"]["value"] == 1.5e-4
+    assert (
+        "Chosen on validation: train.l2 = 0.00015 (validation 47.0%"
+        in (tmp_path / "reports/sw-path.md").read_text()
+    )
 
 
 def test_the_command_line_refuses_an_unknown_grid_in_one_line(monkeypatch, capsys):

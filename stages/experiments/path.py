@@ -188,6 +188,8 @@ def strength(run, param: str) -> float:
     """The x of a run: its logged value of `param` (not the one in its name)."""
     if param == "data.train_size":
         return float(train_images(run))
+    if param not in run.data.params:
+        raise ParamsError(f"run {run.data.tags.get('dvc.exp_name')} logged no param {param}")
     value = logged(run.data.params[param])
     return float(value) if value is not None else math.nan
 
@@ -317,6 +319,13 @@ def _seeds(point: Point, seeds: tuple[int, ...]) -> str:
     return f"{len(point.runs)}" + (f" (no {', '.join(missing)})" if missing else "")
 
 
+def shown(point: Point, t: Technique) -> str:
+    """A point's strength as its runs logged it (its name's label only when that isn't a number)."""
+    if point.label == "none" and t.param == "data.train_size":  # the whole training set
+        return f"none ({point.x:g})"
+    return f"{point.x:g}" if math.isfinite(point.x) else point.label
+
+
 def row_verdict(is_reference: bool, ref: Point | None, dtest: Difference | None) -> str:
     if is_reference:
         return "reference"
@@ -346,9 +355,7 @@ def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen
         reference_path = None if sweep.baseline else sweep.techniques[0]
         for point in rows:
             is_baseline = point is baseline
-            name = "baseline (none)" if is_baseline else point.label
-            if name == "none" and t.param == "data.train_size":  # the whole training set
-                name = f"none ({point.x:g})"
+            name = "baseline (none)" if is_baseline else shown(point, t)
             ref = None if is_baseline else reference_for(point, sweep, baseline, paths)
             dtest, dgap = (
                 (paired(point, ref, "test"), paired(point, ref, "gap")) if ref else (None, None)
@@ -375,7 +382,7 @@ def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen
             )
         else:
             lines.append(
-                f"Chosen on validation: {t.param} = {best.label} (validation "
+                f"Chosen on validation: {t.param} = {shown(best, t)} (validation "
                 f"{best.mean('validation'):.1f}%, test {best.mean('test'):.1f}%, "
                 f"seeds {', '.join(map(str, sorted(best.runs)))})."
             )
