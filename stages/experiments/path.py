@@ -335,7 +335,8 @@ def row_verdict(is_reference: bool, ref: Point | None, dtest: Difference | None)
 def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen: dict) -> str:
     against = "the baseline" if sweep.baseline else f"{sweep.techniques[0].name} at the same x"
     lines = [
-        f"# {prefix}: the regularization path (grid {sweep.name})",
+        f"# {prefix}: {'the regularization path' if sweep.baseline else 'learning curves'} "
+        f"(grid {sweep.name})",
         "",
         f"Percent throughout: mean ± std over seeds. Δtest and Δgap: paired differences with "
         f"{against}, seed by seed (same seed = same split, subset and initialization), mean "
@@ -343,14 +344,15 @@ def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen
         "excludes 0, else within noise. ✓ = chosen: the highest mean validation accuracy "
         "(the test set takes no part in the choice). Gap = train − test.",
     ]
-    header = ["strength", "seeds", "train", "validation", "test", "gap", "Δtest", "Δgap", "verdict"]
+    header = ["seeds", "train", "validation", "test", "gap", "Δtest", "Δgap", "verdict"]
     for t in sweep.techniques:
         points = paths[t.name]
         lines += ["", f"## {t.name} (`{t.param}`)", ""]
         if not points:
             lines.append("No finished runs yet.")
             continue
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        x = "training images" if t.param == "data.train_size" else "strength"
+        lines += ["| " + " | ".join([x, *header]) + " |", "|" + "---|" * (1 + len(header))]
         rows = ([baseline] if baseline else []) + points
         reference_path = None if sweep.baseline else sweep.techniques[0]
         for point in rows:
@@ -413,8 +415,16 @@ def chosen_json(sweep: Sweep, baseline: Point | None, chosen: dict) -> dict:
 # --- the figures -----------------------------------------------------------------------------
 
 
-def figure(t: Technique, points: list[Point], baseline: Point | None, best: Point, out: Path):
-    """Train, test and gap against the strength, mean ± std over seeds, the baseline dashed."""
+def figure(
+    t: Technique,
+    points: list[Point],
+    baseline: Point | None,
+    best: Point,
+    out: Path,
+    reference: tuple[str, list[Point]] | None = None,
+):
+    """Train, test and gap against the strength, mean ± std over seeds, the baseline dashed; in
+    a learning curve, the reference recipe's (name, points) test accuracy in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,6 +457,16 @@ def figure(t: Technique, points: list[Point], baseline: Point | None, best: Poin
                 label=f"{name}, baseline (no {t.name})",
             )
             lowest = min(lowest, baseline.mean(key))
+    if reference and reference[1]:
+        name, ref_points = reference[0], sorted(reference[1], key=lambda p: p.x)
+        ax.plot(
+            [p.x for p in ref_points],
+            [p.mean("test") for p in ref_points],
+            "s--",
+            color="grey",
+            lw=1,
+            label=f"test accuracy, {name} (reference)",
+        )
     if best is not baseline:
         ax.axvline(best.x, color="black", ls=":", lw=1.2, label="chosen on validation")
         ax.plot(
@@ -465,7 +485,7 @@ def figure(t: Technique, points: list[Point], baseline: Point | None, best: Poin
     ax.set_ylim(min(0, 10 * math.floor(lowest / 10)), 100)
     ax.set_yticks(range(int(min(0, 10 * math.floor(lowest / 10))), 101, 10))
     xlabel = "training images" if t.param == "data.train_size" else f"{t.param} ({t.scale} scale)"
-    ax.set(xlabel=xlabel, ylabel="percent", title=f"{t.name}: accuracy and gap against {t.param}")
+    ax.set(xlabel=xlabel, ylabel="percent", title=f"{t.name}: accuracy and gap against {xlabel}")
     ax.grid(alpha=0.3)
     title = "mean ± std over seeds" + ("; dashed: baseline" if baseline else "")
     if best is baseline:
@@ -532,7 +552,9 @@ def build(
     for t in sweep.techniques:
         if paths[t.name]:
             files.append(out_dir / f"{prefix}-path-{t.name}.png")
-            figure(t, paths[t.name], baseline, chosen[t.name], files[-1])
+            first = sweep.techniques[0]
+            reference = None if sweep.baseline or t is first else (first.name, paths[first.name])
+            figure(t, paths[t.name], baseline, chosen[t.name], files[-1], reference)
     report = out_dir / f"{prefix}-path.md"
     sio.write_text(report, table(sweep, prefix, baseline, paths, chosen))
     sio.write_json(out_dir / f"{prefix}-chosen.json", chosen_json(sweep, baseline, chosen))
