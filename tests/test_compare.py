@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 
-from conftest import TINY, write_params
+from conftest import REPO, TINY, write_params
 from mlflow.tracking import MlflowClient
 
 from stages import augment, download, evaluate, train
@@ -47,10 +48,10 @@ def test_report_holds_every_run_and_the_params_that_differ(workdir, pickle_archi
         assert cells == [
             name,
             *params.split(" | "),
-            f"{m['final_train_accuracy']:.3f}",
-            f"{m['final_val_accuracy']:.3f}",
-            f"{m['test_accuracy']:.3f}",
-            f"{m['generalization_gap']:+.3f}",
+            f"{100 * m['final_train_accuracy']:.1f}%",
+            f"{100 * m['final_val_accuracy']:.1f}%",
+            f"{100 * m['test_accuracy']:.1f}%",
+            f"{100 * m['generalization_gap']:+.1f} pt",
             f"{m['final_best_epoch']:.0f}",
             str(TINY["train.epochs"]),
             f"{minutes:.1f}",
@@ -63,3 +64,44 @@ def test_report_holds_every_run_and_the_params_that_differ(workdir, pickle_archi
     compare.main()
     two = (workdir / "reports/two/comparison.md").read_text().splitlines()
     assert len(two) == 4 and two[2].startswith("| slow |") and two[3].startswith("| dropout |")
+
+
+def test_prefix_names_the_files(tmp_path, monkeypatch):
+    """--prefix P: reports/P-comparison.md, P-curves.png, P-gap.png, on runs made directly."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("overfitting", (tmp_path / "mlruns").as_uri())
+    for name, train_acc, test_acc in [("at-chance", 0.1002, 0.1001), ("learns", 0.90, 0.45)]:
+        run = client.create_run(experiment, run_name=name, tags={"dvc.exp_name": name})
+        for epoch in (1, 2, 3):
+            client.log_metric(run.info.run_id, "val_accuracy", test_acc, step=epoch)
+        for key, value in [
+            ("final_train_accuracy", train_acc),
+            ("final_val_accuracy", test_acc),
+            ("test_accuracy", test_acc),
+            ("generalization_gap", train_acc - test_acc),
+        ]:
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(sys, "argv", ["compare", "--prefix", "P"])
+    compare.main()
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [
+        "P-comparison.md",
+        "P-curves.png",
+        "P-gap.png",
+    ]
+    table = (tmp_path / "reports/P-comparison.md").read_text()
+    assert "| at-chance | 10.0% | 10.0% | 10.0% | +0.0 pt |" in table
+    assert "| learns | 90.0% | 45.0% | 45.0% | +45.0 pt |" in table
+
+
+def test_the_gap_axis_does_not_zoom_onto_noise():
+    # A run at chance: a gap of 0.01 points must not fill the axis.
+    lo, hi = compare.gap_limits([0.01, -0.01])
+    assert hi - lo >= compare.MIN_GAP_SPAN and lo < -0.01 and hi > 0.01
+    # Real gaps: every bar and 0 inside, with room for the labels.
+    lo, hi = compare.gap_limits([50.0, 8.0, -3.0])
+    assert lo < -3.0 and hi > 50.0 and hi - lo < 70

@@ -3,12 +3,16 @@
     python -m stages.experiments.compare                          # every finished run of mlflow.experiment
     python -m stages.experiments.compare --exps exp-a,exp-b       # the MLflow runs of these DVC experiments
     python -m stages.experiments.compare --experiment other --out reports/other
+    python -m stages.experiments.compare --prefix sweep           # reports/sweep-comparison.md, -curves.png, -gap.png
 
 The table has one row per run: its name (the DVC experiment's, when it came from one), the params
-whose values differ between the runs, train / validation / test accuracy, the gap, the best epoch,
-the epochs run, the minutes it took and the verdict; multi-task runs add their auxiliary tasks'
-test accuracy (coarse acc, rotation acc). curves.png overlays the validation accuracy
-per epoch; gap.png shows each run's generalization gap.
+whose values differ between the runs, train / validation / test accuracy (percent), the gap
+(points), the best epoch, the epochs run, the minutes it took and the verdict; multi-task runs add
+their auxiliary tasks' test accuracy (coarse acc, rotation acc). curves.png overlays the
+validation accuracy per epoch; gap.png shows each run's generalization gap, its value on its bar.
+
+Honest axes: accuracy on the whole 0-100% range and the gap on a range at least 10 points wide
+around 0, so that a run at chance (10.00% vs 10.02%) looks flat, not like a trend.
 """
 
 from __future__ import annotations
@@ -83,11 +87,11 @@ def table(runs) -> str:
         cells = [
             r.info.run_name,
             *(r.data.params.get(k, "") for k in keys),
-            f"{m.get('final_train_accuracy', float('nan')):.3f}",
-            f"{m.get('final_val_accuracy', float('nan')):.3f}",
-            f"{m['test_accuracy']:.3f}",
-            *(f"{m[k]:.3f}" if k in m else "" for k in task_keys),
-            f"{m.get('generalization_gap', float('nan')):+.3f}",
+            percent(m.get("final_train_accuracy")),
+            percent(m.get("final_val_accuracy")),
+            percent(m["test_accuracy"]),
+            *(percent(m[k]) if k in m else "" for k in task_keys),
+            points(m.get("generalization_gap")),
             f"{m.get('final_best_epoch', 0):.0f}",
             f"{m.get('final_epochs_run', 0):.0f}",
             f"{minutes:.1f}",
@@ -97,36 +101,83 @@ def table(runs) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(client, runs, out: Path) -> None:
+def percent(fraction: float | None) -> str:
+    return "—" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def points(fraction: float | None) -> str:
+    """A difference of accuracies, in percentage points, signed."""
+    return "—" if fraction is None else f"{100 * fraction:+.1f} pt"
+
+
+MIN_GAP_SPAN = 10  # points: the gap axis is never narrower, so noise of 0.01 pt looks like noise
+
+
+def gap_limits(gaps: list[float]) -> tuple[float, float]:
+    """The gap axis (points): 0 and every bar inside, padded by 10% of the span for the value
+    labels, and at least MIN_GAP_SPAN wide."""
+    lo, hi = min(0.0, *gaps), max(0.0, *gaps)
+    pad = max(0.1 * (hi - lo), (MIN_GAP_SPAN - (hi - lo)) / 2, 0)
+    return lo - pad, hi + pad
+
+
+LEGEND_INSIDE = 8  # runs: more than this, and the legend goes to the right of the plot
+
+
+def plots(client, runs, out: Path, prefix: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    many = len(runs) > LEGEND_INSIDE
+    fig, ax = plt.subplots(figsize=(11 if many else 8, 4.5))
     for r in runs:
         history = sorted(
             client.get_metric_history(r.info.run_id, "val_accuracy"), key=lambda m: m.step
         )
-        ax.plot([m.step for m in history], [m.value for m in history], label=r.info.run_name, lw=1)
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per epoch")
+        ax.plot(
+            [m.step for m in history],
+            [100 * m.value for m in history],
+            label=r.info.run_name,
+            lw=1,
+            marker="o" if len(history) < 3 else None,  # a one-epoch run is a dot, not nothing
+        )
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy per epoch")
+    ax.set_ylim(0, 100)  # the whole range: 10% (chance) to 100%
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
     ax.grid(alpha=0.3)
-    if len(runs) <= 20:
-        ax.legend(fontsize=6)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + len(runs) // 25)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    sio.save_figure(out / "curves.png", fig)
+    sio.save_figure(out / named("curves.png", prefix), fig)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * len(runs) + 1)))
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.3 * len(runs) + 1)))
     names = [r.info.run_name for r in runs]
-    ax.barh(names, [r.data.metrics.get("generalization_gap", 0.0) for r in runs])
+    gaps = [100 * r.data.metrics.get("generalization_gap", 0.0) for r in runs]
+    bars = ax.barh(names, gaps, color=["tab:red" if g > 0 else "tab:blue" for g in gaps])
+    ax.bar_label(bars, labels=[f"{g:+.1f}" for g in gaps], padding=3, fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlim(*gap_limits(gaps))
     ax.invert_yaxis()
-    ax.set(xlabel="generalization gap (train − test accuracy)", title="gap per run")
-    ax.tick_params(axis="y", labelsize=6)
+    ax.set(
+        xlabel="generalization gap: train − test accuracy (percentage points)",
+        title="gap per run",
+    )
+    ax.tick_params(axis="y", labelsize=8 if len(runs) <= 20 else 6)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    sio.save_figure(out / "gap.png", fig)
+    sio.save_figure(out / named("gap.png", prefix), fig)
     plt.close(fig)
+
+
+def named(file: str, prefix: str | None) -> str:
+    """comparison.md, or <prefix>-comparison.md."""
+    return f"{prefix}-{file}" if prefix else file
 
 
 def main() -> None:
@@ -136,6 +187,10 @@ def main() -> None:
     parser.add_argument("--experiment", help="MLflow experiment (default: mlflow.experiment)")
     parser.add_argument("--exps", help="comma-separated DVC experiment names")
     parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument(
+        "--prefix",
+        help="name the files <prefix>-comparison.md, <prefix>-curves.png, <prefix>-gap.png",
+    )
     args = parser.parse_args()
 
     from mlflow.tracking import MlflowClient
@@ -147,9 +202,10 @@ def main() -> None:
         args.experiment or params.mlflow.experiment,
         args.exps.split(",") if args.exps else None,
     )
-    sio.write_text(args.out / "comparison.md", table(runs))
-    plots(client, runs, args.out)
-    print(f"compare: {len(runs)} runs → {args.out}/comparison.md, curves.png, gap.png")
+    files = [named(f, args.prefix) for f in ("comparison.md", "curves.png", "gap.png")]
+    sio.write_text(args.out / files[0], table(runs))
+    plots(client, runs, args.out, args.prefix)
+    print(f"compare: {len(runs)} runs → {args.out}/{files[0]}, {files[1]}, {files[2]}")
 
 
 if __name__ == "__main__":

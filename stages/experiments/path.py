@@ -1,0 +1,596 @@
+"""The regularization path: each technique of a sweep grid at every strength, against the baseline.
+
+    python -m stages.experiments.path [--grid sweep] [--prefix sweep] [--out reports]
+
+reads the finished runs of a sweep grid (stages/experiments/grids/sweep.yaml, queued by the sweep
+command) back from MLflow by their DVC experiment names, and writes:
+
+- reports/<prefix>-path-<technique>.png: train accuracy, test accuracy and the gap (train − test)
+  against the strength, mean over seeds with a ±1 std band; the baseline (no regularization,
+  strength 0, which a log axis can't show) as dashed horizontal lines in the same colours; the
+  strength chosen on validation marked.
+- reports/<prefix>-path.md: per technique and strength, mean ± std over seeds of train,
+  validation and test accuracy and the gap, and the paired differences with the baseline, seed by
+  seed (the same seed is the same split, subset and initialization, so the pairing removes their
+  share of the noise): Δtest and Δgap with a 95% t-interval over seeds, and a verdict (helps /
+  hurts / within noise: whether the interval of Δtest excludes 0).
+- reports/<prefix>-chosen.json: each technique's strength with the highest mean *validation*
+  accuracy (the baseline included), its validation and test accuracy and seeds, to rerun the
+  chosen strengths with more seeds. The test set plays no part in the choice: choosing on it
+  would make the test accuracy of the chosen strength an optimistic estimate.
+
+The three files are also artifacts of one MLflow parent run of the sweep (run name <prefix>, tag
+sweep.prefix), found again and reused when the report is rebuilt; each run of the sweep gets the
+tag mlflow.parentRunId, so the MLflow UI nests them under it.
+
+A grid with `baseline: false` is a learning curve: its techniques are recipes, x is the training
+set size (data.train_size; null = the whole training set, derived as described in
+`train_images`), and each recipe is compared with the grid's first recipe at the same x.
+
+How to read the report, and its limits: docs/paths.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from scipy import stats
+
+from stages import io as sio, params as P
+from stages.errors import ParamsError
+from stages.tracking import store
+
+GRIDS_DIR = Path(__file__).parent / "grids"
+GRID_KEYS = {"regime", "seeds", "techniques", "baseline"}
+TECHNIQUE_KEYS = {"param", "values", "points", "scale", "with"}
+METRICS = {  # the columns, and the MLflow metric each reads (fractions; shown in percent)
+    "train": "final_train_accuracy",
+    "validation": "final_val_accuracy",
+    "test": "test_accuracy",
+    "gap": "generalization_gap",  # train − test (stages/evaluate.py)
+}
+COLOURS = {"train": "tab:blue", "test": "tab:orange", "gap": "tab:red"}
+CIFAR10_TRAIN_PER_CLASS = 5000  # the bundled and the official CIFAR-10: 10 classes × 5,000
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One path of the grid: `param` at each point; a point is the changes one experiment makes."""
+
+    name: str
+    param: str
+    scale: str  # "log" or "linear": the figure's x axis
+    points: tuple[tuple[str, dict], ...]  # (label in the experiment's name, changes)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    regime: dict
+    seeds: tuple[int, ...]
+    baseline: bool  # True: <prefix>-baseline-s<seed> is every path's zero; False: a learning curve
+    techniques: tuple[Technique, ...]
+
+
+def label(value) -> str:
+    """A strength as the experiment's name writes it: 1e-05, 0.5, none, true."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):  # before numbers: True is an int too
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    return str(value)
+
+
+def load_sweep(grid: str | Path) -> Sweep:
+    """grids/<grid>.yaml (or a path to a YAML file), its shape checked: a typo stops here."""
+    path = Path(grid) if str(grid).endswith((".yaml", ".yml")) else GRIDS_DIR / f"{grid}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in GRIDS_DIR.glob("*.yaml")))
+        raise ParamsError(f"no grid {str(grid)!r} (known: {known})")
+    data = P.read_yaml(path)  # one-line errors for bad YAML, a key given twice, not a mapping
+    unknown = sorted(set(data) - GRID_KEYS)
+    if unknown or not isinstance(data.get("techniques"), dict) or not data["techniques"]:
+        raise ParamsError(
+            f"{path}: a sweep grid has {', '.join(sorted(GRID_KEYS))} and at least one technique"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    techniques = []
+    for name, spec in data["techniques"].items():
+        where = f"{path}: technique {name!r}"
+        if not isinstance(spec, dict) or set(spec) - TECHNIQUE_KEYS or "param" not in spec:
+            raise ParamsError(f"{where}: expected {{param, values or points, scale, with}}")
+        if ("values" in spec) == ("points" in spec):
+            raise ParamsError(f"{where}: give either values or points, not both or neither")
+        if spec.get("scale", "linear") not in ("log", "linear"):
+            raise ParamsError(f"{where}: scale is log or linear, not {spec['scale']!r}")
+        with_ = spec.get("with") or {}
+        if "values" in spec:
+            changes = [{spec["param"]: v, **with_} for v in spec["values"]]
+        else:
+            changes = [{**with_, **point} for point in spec["points"]]
+        if any(spec["param"] not in c for c in changes):
+            raise ParamsError(f"{where}: every point must set {spec['param']}")
+        points = tuple((label(c[spec["param"]]), c) for c in changes)
+        techniques.append(Technique(name, spec["param"], spec.get("scale", "linear"), points))
+    return Sweep(
+        path.stem,
+        data.get("regime") or {},
+        tuple(data.get("seeds") or (0, 1, 2)),
+        bool(data.get("baseline", True)),
+        tuple(techniques),
+    )
+
+
+def exp_name(prefix: str, technique: str, point_label: str, seed: int) -> str:
+    return f"{prefix}-{technique}-{point_label}-s{seed}"
+
+
+def baseline_name(prefix: str, seed: int) -> str:
+    return f"{prefix}-baseline-s{seed}"
+
+
+# --- reading the runs ------------------------------------------------------------------------
+
+
+def finished_runs(client, experiment_id: str, prefix: str) -> dict:
+    """{DVC experiment name: its latest FINISHED, evaluated run} (as study.table finds them)."""
+    runs = client.search_runs(
+        [experiment_id], f"tags.`dvc.exp_name` LIKE '{prefix}-%'", max_results=50000
+    )
+    by_name = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):  # the latest run of a name wins
+        if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
+            by_name[run.data.tags["dvc.exp_name"]] = run
+    return by_name
+
+
+def train_images(run) -> int:
+    """The training set size a run used. data.train_size when it is set; null is the whole
+    training set, which train does not log: it is the CIFAR-10 training set (5,000 images per
+    class) less each class's validation share, round(5,000 × data.val_fraction), exactly as
+    stages/augment.py's stratified split holds it out. Other sources: give data.train_size."""
+    p = run.data.params
+    if p.get("data.train_size", "None") != "None":
+        return int(p["data.train_size"])
+    if p.get("data.source") not in (P.BUNDLED, "cifar10"):
+        raise ParamsError(
+            f"run {run.data.tags.get('dvc.exp_name')}: data.train_size is null and data.source "
+            f"{p.get('data.source')!r} is not CIFAR-10, so its training set size is unknown: "
+            "give data.train_size explicitly in the grid"
+        )
+    per_class = CIFAR10_TRAIN_PER_CLASS - round(
+        CIFAR10_TRAIN_PER_CLASS * float(p["data.val_fraction"])
+    )
+    return 10 * per_class
+
+
+def logged(text: str | None):
+    """A param as MLflow logged it (text) back to its value: "1e-05" → 1e-05, "True" → True,
+    "None" → None (YAML alone reads 1e-05 as a string: it wants a dot in the mantissa)."""
+    value = yaml.safe_load(text) if text is not None else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def strength(run, param: str) -> float:
+    """The x of a run: its logged value of `param` (not the one in its name)."""
+    if param == "data.train_size":
+        return float(train_images(run))
+    if param not in run.data.params:
+        raise ParamsError(f"run {run.data.tags.get('dvc.exp_name')} logged no param {param}")
+    value = logged(run.data.params[param])
+    return float(value) if value is not None else math.nan
+
+
+@dataclass
+class Point:
+    """One strength of one technique: its runs by seed (seeds without a finished run left out)."""
+
+    label: str
+    x: float
+    runs: dict  # seed -> MLflow run
+
+    def values(self, key: str) -> dict[int, float]:
+        """{seed: metric in percent}."""
+        return {s: 100 * r.data.metrics[METRICS[key]] for s, r in self.runs.items()}
+
+    def mean(self, key: str) -> float:
+        return statistics.mean(self.values(key).values())
+
+    def std(self, key: str) -> float:
+        v = list(self.values(key).values())
+        return statistics.stdev(v) if len(v) > 1 else 0.0
+
+
+def collect(sweep: Sweep, by_name: dict, prefix: str):
+    """The baseline's Point (None without one) and, per technique, its Points with runs."""
+    paths = {}
+    for t in sweep.techniques:
+        points = []
+        for point_label, _ in t.points:
+            found = {
+                s: by_name[exp_name(prefix, t.name, point_label, s)]
+                for s in sweep.seeds
+                if exp_name(prefix, t.name, point_label, s) in by_name
+            }
+            if found:
+                points.append(
+                    Point(point_label, strength(next(iter(found.values())), t.param), found)
+                )
+        paths[t.name] = points
+    names = {s: baseline_name(prefix, s) for s in sweep.seeds}
+    found = {s: by_name[n] for s, n in names.items() if n in by_name} if sweep.baseline else {}
+    baseline = Point("baseline", math.nan, found) if found else None
+    return baseline, paths
+
+
+# --- the statistics --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A paired difference over seeds, in points: its mean, the half-width of its 95% t-interval
+    (None with one seed: no spread to estimate), and the seeds it paired."""
+
+    mean: float
+    half: float | None
+    seeds: int
+
+    def excludes_zero(self) -> bool:
+        return self.half is not None and abs(self.mean) > self.half
+
+
+def paired(point: Point, reference: Point, key: str) -> Difference | None:
+    """point − reference seed by seed, over the seeds both have (None when they share none).
+    The 95% interval is mean ± t(0.975, n − 1) · sd / √n, Student's t over the n differences."""
+    a, b = point.values(key), reference.values(key)
+    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    if not diffs:
+        return None
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return Difference(mean, None, 1)
+    sem = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return Difference(mean, stats.t.ppf(0.975, len(diffs) - 1) * sem, len(diffs))
+
+
+def verdict(d: Difference | None) -> str:
+    """From Δtest: helps or hurts when its interval excludes 0, else within noise."""
+    if d is None:
+        return "no shared seed"
+    if d.half is None:
+        return "— (one seed)"
+    if not d.excludes_zero():
+        return "within noise"
+    return "helps" if d.mean > 0 else "hurts"
+
+
+def choose(points: list[Point], baseline: Point | None) -> Point:
+    """The highest mean validation accuracy, the baseline included (first in a tie: no
+    regularization unless a strength does better). The test set takes no part in it."""
+    candidates = ([baseline] if baseline else []) + points
+    return max(candidates, key=lambda p: p.mean("validation"))
+
+
+def reference_for(point: Point, sweep: Sweep, baseline: Point | None, paths: dict) -> Point | None:
+    """What a point is compared with: the baseline; in a learning curve (baseline: false), the
+    grid's first recipe at the same x."""
+    if sweep.baseline:
+        return baseline
+    first = paths[sweep.techniques[0].name]
+    return next((p for p in first if p is not point and math.isclose(p.x, point.x)), None)
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def _pm(point: Point, key: str, unit: str = "%") -> str:
+    if len(point.runs) == 1:
+        return f"{point.mean(key):.1f}{unit}"
+    return f"{point.mean(key):.1f} ± {point.std(key):.1f}{unit}"
+
+
+def _signed(value: float) -> str:
+    return f"{round(value, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+
+
+def _diff(d: Difference | None) -> str:
+    if d is None:
+        return "—"
+    if d.half is None:
+        return f"{_signed(d.mean)} pt [—]"
+    return f"{_signed(d.mean)} pt [{_signed(d.mean - d.half)}, {_signed(d.mean + d.half)}]"
+
+
+def _seeds(point: Point, seeds: tuple[int, ...]) -> str:
+    missing = [f"s{s}" for s in seeds if s not in point.runs]
+    return f"{len(point.runs)}" + (f" (no {', '.join(missing)})" if missing else "")
+
+
+def shown(point: Point, t: Technique) -> str:
+    """A point's strength as its runs logged it (its name's label only when that isn't a number)."""
+    if point.label == "none" and t.param == "data.train_size":  # the whole training set
+        return f"none ({point.x:g})"
+    return f"{point.x:g}" if math.isfinite(point.x) else point.label
+
+
+def row_verdict(is_reference: bool, ref: Point | None, dtest: Difference | None) -> str:
+    if is_reference:
+        return "reference"
+    return verdict(dtest) if ref else "no reference run"
+
+
+def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen: dict) -> str:
+    against = "the baseline" if sweep.baseline else f"{sweep.techniques[0].name} at the same x"
+    lines = [
+        f"# {prefix}: {'the regularization path' if sweep.baseline else 'learning curves'} "
+        f"(grid {sweep.name})",
+        "",
+        f"Percent throughout: mean ± std over seeds. Δtest and Δgap: paired differences with "
+        f"{against}, seed by seed (same seed = same split, subset and initialization), mean "
+        "[95% t-interval over seeds]; verdict from Δtest: helps / hurts when its interval "
+        "excludes 0, else within noise. ✓ = chosen: the highest mean validation accuracy "
+        "(the test set takes no part in the choice). Gap = train − test.",
+    ]
+    header = ["seeds", "train", "validation", "test", "gap", "Δtest", "Δgap", "verdict"]
+    for t in sweep.techniques:
+        points = paths[t.name]
+        lines += ["", f"## {t.name} (`{t.param}`)", ""]
+        if not points:
+            lines.append("No finished runs yet.")
+            continue
+        x = "training images" if t.param == "data.train_size" else "strength"
+        lines += ["| " + " | ".join([x, *header]) + " |", "|" + "---|" * (1 + len(header))]
+        rows = ([baseline] if baseline else []) + points
+        reference_path = None if sweep.baseline else sweep.techniques[0]
+        for point in rows:
+            is_baseline = point is baseline
+            name = "baseline (none)" if is_baseline else shown(point, t)
+            ref = None if is_baseline else reference_for(point, sweep, baseline, paths)
+            dtest, dgap = (
+                (paired(point, ref, "test"), paired(point, ref, "gap")) if ref else (None, None)
+            )
+            cells = [
+                f"**{name} ✓**" if point is chosen[t.name] else name,
+                _seeds(point, sweep.seeds),
+                _pm(point, "train"),
+                _pm(point, "validation"),
+                _pm(point, "test"),
+                _pm(point, "gap", " pt"),
+                _diff(dtest),
+                _diff(dgap),
+                row_verdict(is_baseline or t is reference_path, ref, dtest),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        best = chosen[t.name]
+        lines.append("")
+        if best is baseline:
+            lines.append(
+                "Chosen on validation: none of these strengths beats no regularization on "
+                f"validation (baseline: validation {best.mean('validation'):.1f}%, "
+                f"test {best.mean('test'):.1f}%)."
+            )
+        else:
+            lines.append(
+                f"Chosen on validation: {t.param} = {shown(best, t)} (validation "
+                f"{best.mean('validation'):.1f}%, test {best.mean('test'):.1f}%, "
+                f"seeds {', '.join(map(str, sorted(best.runs)))})."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def chosen_json(sweep: Sweep, baseline: Point | None, chosen: dict) -> dict:
+    out = {}
+    for t in sweep.techniques:
+        best = chosen.get(t.name)
+        if best is None:
+            continue
+        run = next(iter(best.runs.values()))
+        value = logged(run.data.params.get(t.param))
+        out[t.name] = {
+            "param": t.param,
+            "value": value,  # as logged (for the baseline: the regime's own value)
+            "baseline": best is baseline,
+            # every change of the point, to rerun it (early stopping's enabled: true, say)
+            "changes": {} if best is baseline else dict(t.points)[best.label],
+            "val_accuracy": round(best.mean("validation") / 100, 6),
+            "test_accuracy": round(best.mean("test") / 100, 6),
+            "seeds": sorted(best.runs),
+        }
+    return out
+
+
+# --- the figures -----------------------------------------------------------------------------
+
+
+def figure(
+    t: Technique,
+    points: list[Point],
+    baseline: Point | None,
+    best: Point,
+    out: Path,
+    reference: tuple[str, list[Point]] | None = None,
+):
+    """Train, test and gap against the strength, mean ± std over seeds, the baseline dashed; in
+    a learning curve, the reference recipe's (name, points) test accuracy in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))  # room for the legend on the right
+    points = sorted(points, key=lambda p: p.x)
+    xs = [p.x for p in points]
+    lowest = 0.0
+    for key in ("train", "test", "gap"):
+        mean = [p.mean(key) for p in points]
+        std = [p.std(key) for p in points]
+        name = "gap (train − test)" if key == "gap" else f"{key} accuracy"
+        ax.plot(xs, mean, "o-", color=COLOURS[key], label=name)
+        ax.fill_between(
+            xs,
+            [m - s for m, s in zip(mean, std)],
+            [m + s for m, s in zip(mean, std)],
+            color=COLOURS[key],
+            alpha=0.2,
+            lw=0,
+        )
+        lowest = min(lowest, *(m - s for m, s in zip(mean, std)))
+        if baseline:
+            ax.axhline(
+                baseline.mean(key),
+                color=COLOURS[key],
+                ls="--",
+                lw=1,
+                label=f"{name}, baseline (no {t.name})",
+            )
+            lowest = min(lowest, baseline.mean(key))
+    if reference and reference[1]:
+        name, ref_points = reference[0], sorted(reference[1], key=lambda p: p.x)
+        ax.plot(
+            [p.x for p in ref_points],
+            [p.mean("test") for p in ref_points],
+            "s--",
+            color="grey",
+            lw=1,
+            label=f"test accuracy, {name} (reference)",
+        )
+    if best is not baseline:
+        ax.axvline(best.x, color="black", ls=":", lw=1.2, label="chosen on validation")
+        ax.plot(
+            [best.x],
+            [best.mean("test")],
+            "*",
+            color="black",
+            ms=12,
+            ls="none",
+            label="its test accuracy",
+        )
+    if t.scale == "log":
+        ax.set_xscale("log")
+    # Honest axes: accuracy and gap on the whole 0-100% range (below 0 only for a negative gap),
+    # so a difference of a point looks like one, not like a trend.
+    ax.set_ylim(min(0, 10 * math.floor(lowest / 10)), 100)
+    ax.set_yticks(range(int(min(0, 10 * math.floor(lowest / 10))), 101, 10))
+    xlabel = "training images" if t.param == "data.train_size" else f"{t.param} ({t.scale} scale)"
+    ax.set(xlabel=xlabel, ylabel="percent", title=f"{t.name}: accuracy and gap against {xlabel}")
+    ax.grid(alpha=0.3)
+    title = "mean ± std over seeds" + ("; dashed: baseline" if baseline else "")
+    if best is baseline:
+        title += "\nchosen on validation: the baseline\n(no strength here beats it)"
+    ax.legend(
+        fontsize=8, title=title, title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5)
+    )
+    fig.tight_layout()
+    sio.save_figure(out, fig)
+    plt.close(fig)
+
+
+# --- MLflow ----------------------------------------------------------------------------------
+
+
+def parent_run(client, experiment_id: str, prefix: str, grid: str) -> str:
+    """The sweep's parent run (tag sweep.prefix = prefix): the one made before, else a new one."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.`sweep.prefix` = '{prefix}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id, run_name=prefix, tags={"sweep.prefix": prefix, "sweep.grid": grid}
+    )
+    client.set_terminated(run.info.run_id)  # FINISHED: it holds reports, not a training
+    return run.info.run_id
+
+
+def build(
+    grid_name: str | Path = "sweep",
+    prefix: str = "sweep",
+    out_dir: Path = Path("reports"),
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+) -> Path:
+    """Figures, table and chosen.json of a sweep, logged to its MLflow parent run; returns the
+    table's path. `experiment` and `tracking_uri` default to params.yaml's (mlflow section)."""
+    from mlflow.tracking import MlflowClient
+
+    sweep = load_sweep(grid_name)
+    if tracking_uri is None or experiment is None:
+        params = P.load()
+        tracking_uri = tracking_uri or store.tracking_uri(params.mlflow)
+        experiment = experiment or params.mlflow.experiment
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ParamsError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
+    by_name = finished_runs(client, found.experiment_id, prefix)
+    baseline, paths = collect(sweep, by_name, prefix)
+    if not any(paths.values()):
+        raise ParamsError(
+            f"no finished run of grid {sweep.name!r} named {prefix}-<technique>-<value>-s<seed> "
+            f"in experiment {experiment!r} of {tracking_uri}"
+        )
+    chosen = {t.name: choose(paths[t.name], baseline) for t in sweep.techniques if paths[t.name]}
+
+    out_dir = Path(out_dir)
+    files = []
+    for t in sweep.techniques:
+        if paths[t.name]:
+            files.append(out_dir / f"{prefix}-path-{t.name}.png")
+            first = sweep.techniques[0]
+            reference = None if sweep.baseline or t is first else (first.name, paths[first.name])
+            figure(t, paths[t.name], baseline, chosen[t.name], files[-1], reference)
+    report = out_dir / f"{prefix}-path.md"
+    sio.write_text(report, table(sweep, prefix, baseline, paths, chosen))
+    sio.write_json(out_dir / f"{prefix}-chosen.json", chosen_json(sweep, baseline, chosen))
+    files += [report, out_dir / f"{prefix}-chosen.json"]
+
+    parent = parent_run(client, found.experiment_id, prefix, sweep.name)
+    for path in files:
+        client.log_artifact(parent, str(path))
+    children = [
+        r
+        for p in [baseline, *(q for ps in paths.values() for q in ps)]
+        if p
+        for r in p.runs.values()
+    ]
+    for run in children:
+        if run.data.tags.get("mlflow.parentRunId") != parent:
+            client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--grid", default="sweep", help="a sweep grid of stages/experiments/grids/")
+    parser.add_argument(
+        "--prefix", default="sweep", help="experiment names <prefix>-… (default: sweep)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="where the files go")
+    args = parser.parse_args()
+    try:
+        report = build(args.grid, args.prefix, args.out)
+    except ParamsError as exc:
+        sys.exit(f"error (path): {exc}")
+    print(f"path: {report}, {args.prefix}-chosen.json and the figures in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()
