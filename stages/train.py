@@ -363,7 +363,6 @@ def run_epoch(
     which differs on each process. Returns the mean batch loss. EMA takes in the unwrapped
     model's weights after every step."""
     torch.manual_seed(params.seed * 1_000_003 + epoch + 7919 * shard[0])
-    ema = params.train.ema_decay and state.averaged is not None
     return train_one_epoch(
         model.forward,
         data.train_x,
@@ -379,7 +378,11 @@ def run_epoch(
         task_loss=state.task_loss,
         shard=shard,
         sam_rho=params.train.sam_rho,
-        after_step=partial(state.averaged.update_parameters, model.model) if ema else None,
+        after_step=(
+            partial(state.averaged.update_parameters, model.model)
+            if params.train.ema_decay
+            else None
+        ),
     )
 
 
