@@ -145,6 +145,12 @@ class Train(Section):
     backbone_lr_mult: float = Field(1.0, ge=0)  # lr of everything but the head = lr * this
     unfreeze_at_epoch: int = Field(0, ge=0)  # from this epoch on, model.freeze is lifted; 0 = never
     l2_sp: float = Field(0.0, ge=0)  # loss += l2_sp * sum (w - w_pretrained)^2 (L2-SP)
+    # false: biases and norm layers (1-D parameters) get no weight decay (timm's usual groups)
+    decay_bias_and_norm: bool = True
+    # keep, measure and save an EMA of the weights: avg = decay * avg + (1 - decay) * w per step
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    swa_start_epoch: int = Field(0, ge=0)  # SWA: the mean of the weights after each epoch from this
+    sam_rho: float = Field(0.0, ge=0)  # SAM: radius of the ascent step (L2 norm of the weights)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
     compile: bool = False  # torch.compile the model (slower for net on a CPU: docs/speed.md)
     # PyTorch CPU threads; 0 = the cores this process may use, shared among running DVC queue workers
@@ -289,6 +295,21 @@ def check_combinations(params: Params) -> None:
         raise ParamsError(
             "params.yaml: train.l2_sp needs pretrained weights to stay close to "
             "(model.pretrained is none)"
+        )
+    if not t.decay_bias_and_norm and not t.weight_decay:
+        raise ParamsError(
+            "params.yaml: train.decay_bias_and_norm = false exempts biases and norm layers "
+            "from weight decay, but train.weight_decay is 0"
+        )
+    if t.ema_decay and t.swa_start_epoch:
+        raise ParamsError(
+            "params.yaml: train.ema_decay and train.swa_start_epoch are two ways to average the "
+            "weights: choose one (set the other to 0)"
+        )
+    if t.swa_start_epoch > t.epochs:
+        raise ParamsError(
+            f"params.yaml: train.swa_start_epoch = {t.swa_start_epoch}, but training stops "
+            f"after train.epochs = {t.epochs}: nothing would be averaged"
         )
     if t.unfreeze_at_epoch and m.freeze == "none":
         raise ParamsError(

@@ -31,15 +31,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from stages import errors, io as sio, params as P, regularize
+from stages import averaging, errors, io as sio, params as P, regularize, sam
 from stages.data import Policy, augment, epoch_generator, load_split, to_float
 from stages.errors import StageError
 from stages.networks import architectures, freeze, predict, tasks, weights
@@ -221,6 +223,7 @@ class Training:
     history: list[dict] = field(default_factory=list)  # one row of measurements per epoch
     best_state: dict | None = None  # the best epoch's weights, with early stopping's restore_best
     run_id: str | None = None  # the MLflow run of an interrupted training that is being resumed
+    averaged: AveragedModel | None = None  # train.ema_decay / swa_start_epoch: the weights' average
 
 
 def set_up_training(params: P.Params, data: Data, model: Model) -> Training:
@@ -247,6 +250,9 @@ def set_up_training(params: P.Params, data: Data, model: Model) -> Training:
         stopper=EarlyStopping(
             **params.train.early_stopping.model_dump(exclude={"enabled", "restore_best"})
         ),
+        averaged=averaging.averaged_model(
+            model.model, params.train.ema_decay, params.train.swa_start_epoch
+        ),
     )
 
 
@@ -262,6 +268,8 @@ def resume(state: Training, model: nn.Module, checkpoint: Path) -> None:
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     vars(state.stopper).update(saved["stopper"])
+    if state.averaged is not None:
+        state.averaged.load_state_dict(saved["averaged"])
     state.history, state.best_state, state.run_id = (
         saved["history"],
         saved["best_state"],
@@ -280,6 +288,7 @@ def save_checkpoint(state: Training, model: nn.Module, run_id: str, checkpoint: 
             "stopper": dict(vars(state.stopper)),
             "history": state.history,
             "best_state": state.best_state,
+            "averaged": state.averaged.state_dict() if state.averaged is not None else None,
             "run_id": run_id,
         },
     )
@@ -306,7 +315,8 @@ def fit(
     run,
     checkpoint: Path,
 ) -> None:
-    """The epoch loop: train, measure the clean training and validation sets, stop early."""
+    """The epoch loop: train, measure the clean training and validation sets, stop early.
+    With weight averaging, what is measured (and kept as the best epoch) is the average."""
     t, stopping = params.train, params.train.early_stopping.enabled
     restore_best = stopping and params.train.early_stopping.restore_best
     shard = (proc.rank, proc.world)
@@ -319,16 +329,20 @@ def fit(
         start = time.perf_counter()
         batch_loss = run_epoch(params, data, model, state, epoch, shard)
         seconds = time.perf_counter() - start
+        if t.swa_start_epoch and epoch >= t.swa_start_epoch:
+            state.averaged.update_parameters(model.model)  # SWA: one more epoch's weights
+        measured = averaging.measured(state.averaged, model.measured)
         row = {
             "epoch": epoch,
-            **measure(model.measured, data.train_x, data.train_y, "train", model.coarse, shard),
-            **measure(model.measured, data.val_x, data.val_y, "val", model.coarse, shard),
+            **measure(measured, data.train_x, data.train_y, "train", model.coarse, shard),
+            **measure(measured, data.val_x, data.val_y, "val", model.coarse, shard),
         }
         state.history.append(row)
         improved = state.stopper.update(epoch, row[state.stopper.monitor])
         if proc.logs:
             if improved and restore_best:
-                state.best_state = {k: v.clone() for k, v in model.model.state_dict().items()}
+                kept = averaging.measured(state.averaged, model.model)
+                state.best_state = {k: v.clone() for k, v in kept.state_dict().items()}
             log_epoch(row, batch_loss, seconds, state, model)
             save_checkpoint(state, model.model, run.info.run_id, checkpoint)
         if stopping and state.stopper.should_stop:
@@ -346,7 +360,8 @@ def run_epoch(
 ) -> float:
     """Epoch `epoch` of training, its random draws replayable from (seed, epoch, rank): the
     augmentation and shuffle from epoch_generator, dropout and mixup from torch's global seed,
-    which differs on each process. Returns the mean batch loss."""
+    which differs on each process. Returns the mean batch loss. EMA takes in the unwrapped
+    model's weights after every step."""
     torch.manual_seed(params.seed * 1_000_003 + epoch + 7919 * shard[0])
     return train_one_epoch(
         model.forward,
@@ -362,6 +377,12 @@ def run_epoch(
         desc=f"epoch {epoch}/{params.train.epochs}",
         task_loss=state.task_loss,
         shard=shard,
+        sam_rho=params.train.sam_rho,
+        after_step=(
+            partial(state.averaged.update_parameters, model.model)
+            if params.train.ema_decay
+            else None
+        ),
     )
 
 
@@ -389,13 +410,15 @@ def log_epoch(row: dict, batch_loss: float, seconds: float, state: Training, mod
 
 
 def write_outputs(params: P.Params, data: Data, model: Model, state: Training, run) -> None:
-    """The saved model (the last epoch's, or the best one's with restore_best), its metrics and
-    curves, to files and to the MLflow run."""
+    """The saved model (the last epoch's, or the best one's with restore_best; with weight
+    averaging, the average), its metrics and curves, to files and to the MLflow run."""
     net, history, stopper = model.model, state.history, state.stopper
     saved = history[-1]
     if state.best_state is not None:
         net.load_state_dict(state.best_state)
         saved = history[stopper.best_epoch - 1]
+    elif state.averaged is not None:
+        net.load_state_dict(averaging.measured(state.averaged, net).state_dict())
     summary = {
         **{k: v for k, v in saved.items() if k != "epoch"},
         "epochs_run": len(history),
@@ -509,7 +532,10 @@ def make_optimizer(
     (discriminative learning rates); without a head, one group. Frozen parameters are in it too
     but get no gradient, and optimizers skip those: no update, no weight decay, until unfrozen.
     Learned task weights (tasks.weighting = uncertainty) get a group of their own, at train.lr
-    and without weight decay, which would pull every task's weight towards 1."""
+    and without weight decay, which would pull every task's weight towards 1. With
+    train.decay_bias_and_norm false, each group's 1-D parameters (biases, norm layers' scales
+    and shifts) go to a twin group without weight decay, as timm's param_groups_weight_decay:
+    decaying them limits no complexity and can hurt (a norm scale pulled to 0 shuts a channel)."""
     log_vars = getattr(model, "log_vars", None)
     skip = {id(log_vars)}
     in_head = {id(p) for p in (head or model).parameters()}
@@ -521,6 +547,15 @@ def make_optimizer(
         },
         {"params": [p for p in model.parameters() if id(p) in in_head - skip], "lr": train.lr},
     ]
+    if not train.decay_bias_and_norm:
+        groups = [
+            twin
+            for g in groups
+            for twin in (
+                {**g, "params": [p for p in g["params"] if p.ndim <= 1], "weight_decay": 0.0},
+                {**g, "params": [p for p in g["params"] if p.ndim > 1]},
+            )
+        ]
     groups = [g for g in groups if g["params"]]
     if train.optimizer == "sgd":
         return torch.optim.SGD(
@@ -592,10 +627,14 @@ def train_one_epoch(
     desc: str = "",
     task_loss: tasks.TaskLoss | None = None,
     shard: tuple[int, int] = (0, 1),
+    sam_rho: float = 0.0,
+    after_step: Callable[[], None] | None = None,
 ) -> float:
     """One pass over the (augmented, shuffled) training set; returns the mean batch loss.
     With auxiliary tasks, `task_loss` combines the main task's loss_fn with theirs. With
-    shard = (rank, world), this process takes every world-th image of each batch.
+    shard = (rank, world), this process takes every world-th image of each batch. sam_rho > 0
+    makes each step sharpness-aware (stages/sam.py); `after_step` runs after every optimizer
+    step (the EMA update).
 
     The images stay where they are (CPU or GPU); on a GPU the forward pass runs in bf16 autocast
     on channels-last batches. Batch losses stay on the device until the end of the epoch, so
@@ -619,15 +658,26 @@ def train_one_epoch(
         clean = x
         if mixer is not None:
             x, y = mixer(x, y)  # y becomes class probabilities
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            if task_loss is None:
-                loss = loss_fn(model(x), y)
-            else:
-                loss = task_loss(model, x, clean, y, loss_fn, generator)
+        draws = generator.get_state() if task_loss is not None else None
+
+        def forward(x=x, y=y, clean=clean, draws=draws) -> torch.Tensor:
+            if draws is not None:  # SAM's second pass: the same rotations as the first
+                generator.set_state(draws)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                if task_loss is None:
+                    return loss_fn(model(x), y)
+                return task_loss(model, x, clean, y, loss_fn, generator)
+
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if sam_rho:
+            loss = sam.sam_backward(model, forward, sam_rho)
+        else:
+            loss = forward()
+            loss.backward()
         optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         losses.append(loss.detach().float() * len(idx))
     losses = torch.stack(losses).cpu()
     bad = (~torch.isfinite(losses)).nonzero()

@@ -11,7 +11,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ["check", "download", "augment", "train", "evaluate"]
-BASICS = ["params", "io", "errors", "runtime", "data", "regularize"]
+BASICS = ["params", "io", "errors", "runtime", "data", "regularize", "averaging", "sam"]
 ROOMS = ["networks", "tracking", "experiments"]
 
 
