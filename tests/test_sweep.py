@@ -120,6 +120,35 @@ def test_a_bad_shard_is_refused(spec):
         sweep.shard([1, 2], spec)
 
 
+def test_the_sweep_refuses_uncommitted_params_and_unknown_techniques(tmp_path):
+    """Points are built from the committed params.yaml; both errors are one line, before any
+    experiment is queued (no DVC repository here: queueing would fail loudly)."""
+    write_params(tmp_path)
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    git("add", "params.yaml")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "params")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "stages.experiments.sweep", "run", *a],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    result = run("--techniques", "l2,l3")
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "error (sweep): unknown technique l3; the grid has: "
+        + ", ".join(sweep.load("sweep").techniques)
+    ]
+    write_params(tmp_path, **{"model.dropout": 0.3})
+    result = run()
+    assert result.returncode == 1 and result.stderr.startswith(
+        "error (sweep): params.yaml has uncommitted changes (model.dropout=0.3)"
+    )
+    assert len(result.stderr.splitlines()) == 1
+
+
 STATUS = """Task     Name                 Created    Status
 0199407  old-run-s0           02:37 AM   Success
 c62c203  p-a-s0               02:37 AM   {a}
@@ -162,7 +191,7 @@ def test_the_first_error_line_of_a_log(monkeypatch):
 TINY_GRID = """regime: {train.epochs: 2}
 seeds: [0]
 techniques:
-  dropout: {param: model.dropout, values: [0.3, 0.5], scale: linear}
+  dropout: {param: model.dropout, values: [0.5], scale: linear}
 """
 
 
@@ -220,13 +249,17 @@ def test_two_shards_on_two_machines_reach_one_server_and_one_git_remote(team):
         )
         for i, machine in ((1, "a"), (2, "b"))
     ]
-    outs = [proc.communicate(timeout=600) for proc in procs]
+    try:
+        outs = [proc.communicate(timeout=1200) for proc in procs]
+    finally:
+        for proc in procs:  # none left running if the wait gave up
+            proc.kill()
     for proc, (out, err) in zip(procs, outs):
         assert proc.returncode == 0, out + err
-    names = ["sweep-baseline-s0", "sweep-dropout-0.3-s0", "sweep-dropout-0.5-s0"]
-    # a progress line per experiment, on the machine that ran it (shard 1: 1st and 3rd point)
-    assert "sweep: [1/2] sweep-baseline-s0: test accuracy" in outs[0][0]
-    assert "sweep: [1/1] sweep-dropout-0.3-s0: test accuracy" in outs[1][0]
+    names = ["sweep-baseline-s0", "sweep-dropout-0.5-s0"]
+    # a progress line per experiment, on the machine that ran it
+    assert "sweep: [1/1] sweep-baseline-s0: test accuracy" in outs[0][0]
+    assert "sweep: [1/1] sweep-dropout-0.5-s0: test accuracy" in outs[1][0]
 
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("overfitting")
@@ -259,7 +292,7 @@ def test_an_experiment_failing_inside_a_stage_is_named_and_exits_non_zero(team):
         "--prefix",
         "bad",
         "--shard",
-        "1/3",  # the baseline alone
+        "1/2",  # the baseline alone
         "--set",
         "data.sha256=" + "0" * 64,
         env={"MLFLOW_TRACKING_URI": server.uri},

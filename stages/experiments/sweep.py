@@ -147,7 +147,7 @@ def select(sweep: Sweep, names: str | None) -> list[str]:
 def report(grid: str, prefix: str) -> None:
     """The sweep's report, from the tracking server's runs (wherever they ran)."""
     try:
-        from stages.experiments import path
+        import stages.experiments.path as path  # written alongside: it may not be here yet
     except ModuleNotFoundError as exc:
         if exc.name != "stages.experiments.path":
             raise
