@@ -294,7 +294,7 @@ def test_an_experiment_failing_inside_a_stage_is_named_and_exits_non_zero(team):
         "--shard",
         "1/2",  # the baseline alone
         "--set",
-        "data.sha256=" + "0" * 64,
+        "data.sha256=" + "ab" * 32,
         env={"MLFLOW_TRACKING_URI": server.uri},
     )
     assert result.returncode == 1, result.stdout + result.stderr
