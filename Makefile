@@ -8,6 +8,8 @@
 # make preset:  a named set of params as one DVC experiment (make preset PRESET=fast-gpu)
 # make study:   the regularization study as queued DVC experiments, then its table
 #               (e.g. make study STUDY_ARGS="--seeds 0 1")
+# make sweep:   each technique of grids/sweep.yaml at a range of strengths, then its report
+#               (e.g. make sweep SWEEP_ARGS="--jobs 2 --shard 1/3"; docs/experiments.md#sweeps)
 # make train-ddp NPROC=2:  the train stage as N data-parallel processes (torchrun; gloo on CPUs)
 # make mlflow-server:      a team tracking server on PostgreSQL, on loopback (docs/scaling-out.md)
 VENV   := .venv
@@ -18,7 +20,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # No network access but the data download: no usage telemetry from MLflow.
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install run test lint format study bench preset lock clean-venv train-ddp mlflow-server
+.PHONY: install run test lint format study sweep bench preset lock clean-venv train-ddp mlflow-server
 
 install: $(STAMP)
 
@@ -45,6 +47,10 @@ format: install
 STUDY_ARGS ?=
 study: install
 	python -m stages.experiments.study run $(STUDY_ARGS)
+
+SWEEP_ARGS ?=
+sweep: install
+	python -m stages.experiments.sweep run $(SWEEP_ARGS)
 
 PRESET ?= fast-gpu
 preset: install

@@ -14,7 +14,7 @@ from conftest import TINY, copy_repo, write_params
 from mlflow.tracking import MlflowClient
 
 from stages import io as sio
-from stages.experiments import study
+from stages.experiments import dvcqueue, study
 
 BIN = Path(sys.executable).parent  # the venv's: dvc, and the `python` that DVC's stages call
 
@@ -250,7 +250,7 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
     threads = [by_name[n].data.metrics["torch_threads"] for n in names]
     cores = len(os.sched_getaffinity(0))
     assert all(t <= cores for t in threads)
-    if study.workers_that_died_starting(repo):  # DVC's own start-up race (treeverse/dvc-task#73)
+    if dvcqueue.workers_that_died_starting(repo):  # DVC's own start-up race (treeverse/dvc-task#73)
         assert "died at start" in out  # said so; the other worker ran every experiment
         warnings.warn(
             "a DVC queue worker died at start: the runs were not parallel this time", stacklevel=1

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_params
 
 from stages.errors import ParamsError
-from stages.experiments import study
+from stages.experiments import dvcqueue, study
 
 STATUS = """Task     Name                            Created    Status
 0199407  study-wider-model-s0            02:37 AM   Success
@@ -23,11 +24,12 @@ Worker status: 1 active, 0 idle
 
 
 def test_pending_counts_queued_and_running_tasks():
-    assert study.pending(STATUS) == 2
+    assert dvcqueue.pending(STATUS) == 2
     assert (
-        study.pending("Task     Name    Created    Status\n\nWorker status: 0 active, 0 idle\n")
+        dvcqueue.pending("Task     Name    Created    Status\n\nWorker status: 0 active, 0 idle\n")
         == 0
     )
+    assert dvcqueue.tasks(STATUS)["d9b05b9"] == ("study-l1-s0", "Failed")
 
 
 def test_every_row_of_every_grid_is_valid_params():
@@ -90,9 +92,17 @@ def test_a_row_added_in_yaml_is_queued(tmp_path, monkeypatch):
     )
     grid = study.load_grid("mine", base={})
     assert grid.seeds == (5,)
+    todo = study.experiments(grid, ["tiny-dropout"], [5], prefix="p")
+    assert todo == [("p-tiny-dropout-s5", {"train.epochs": 2, "model.dropout": 0.2, "seed": 5})]
+
+    # dvcqueue.run queues them in order, then starts the queue and waits for the new tasks only
     queued = []
-    monkeypatch.setattr(study.subprocess, "run", lambda cmd, check: queued.append(cmd))
-    study.queue(grid, ["tiny-dropout"], [5], prefix="p")
+    monkeypatch.setattr(dvcqueue.subprocess, "run", lambda cmd, **kw: queued.append(cmd))
+    statuses = iter([STATUS, STATUS + "e5f0a1b  p-tiny-dropout-s5  02:40 AM   Queued\n"])
+    monkeypatch.setattr(dvcqueue, "queue_status", lambda: next(statuses))
+    waited = []
+    monkeypatch.setattr(dvcqueue, "wait", lambda ours, tool: waited.append(ours) or [])
+    assert dvcqueue.run(todo, 2, "study") == []
     assert queued == [
         [
             "dvc",
@@ -107,8 +117,30 @@ def test_a_row_added_in_yaml_is_queued(tmp_path, monkeypatch):
             "model.dropout=0.2",
             "-S",
             "seed=5",
-        ]
+        ],
+        ["dvc", "queue", "start", "-j", "2"],
     ]
+    assert waited == [{"e5f0a1b": "p-tiny-dropout-s5"}]
+
+
+def test_a_failed_experiment_still_gets_the_table_then_one_error_line(tmp_path, monkeypatch):
+    """The table and the comparison (of what finished, under the pass's prefix) are written
+    before the study exits non-zero naming what failed."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    monkeypatch.setattr(study, "check_committed_params", lambda: None)
+    monkeypatch.setattr(
+        sys, "argv", ["study", "run", "--rows", "baseline,dropout", "--seeds", "0", "--prefix", "q"]
+    )
+    monkeypatch.setattr(study.dvcqueue, "run", lambda todo, jobs, tool: ["q-dropout-s0"])
+    monkeypatch.setattr(study, "table", lambda *a: "| the table |\n")
+    compared = []
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, check: compared.append(cmd))
+    with pytest.raises(SystemExit) as exit_:
+        study.main()
+    assert str(exit_.value) == "error (study): 1 experiment(s) failed: q-dropout-s0"
+    assert (tmp_path / "reports/q.md").read_text() == "| the table |\n"
+    assert compared[0][-3:] == ["q-baseline-s0", "--prefix", "q"]
 
 
 def test_a_pass_under_other_names_or_another_grid_keeps_the_study_table():

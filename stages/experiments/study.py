@@ -25,7 +25,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import yaml
 
 from stages import io as sio, params as P
 from stages.errors import ParamsError
+from stages.experiments import dvcqueue
 
 GRIDS_DIR = Path(__file__).parent / "grids"
 GRID_KEYS = {"regime", "seeds", "shared", "rows"}
@@ -49,19 +49,32 @@ class Grid:
 
 
 def grid_names() -> list[str]:
-    return sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+    """The study grids; sweep grids (with `techniques`, for sweep.py) live beside them."""
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.yaml") if not is_sweep_grid(p))
+
+
+def is_sweep_grid(path: Path) -> bool:
+    try:
+        return "techniques" in (yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError:
+        return False  # load_grid says what is wrong with it
+
+
+def read_grid(path: Path, known: list[str]) -> dict:
+    """A grid file's YAML (a study's or a sweep's), or one line saying why not."""
+    if not path.exists():
+        raise ParamsError(f"no grid {path.stem!r} (known: {', '.join(known)})")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def load_grid(name: str, base: dict | None = None) -> Grid:
     """grids/<name>.yaml, every row checked against the params schema (on top of `base`,
     params.yaml by default): a typo or a refused value stops here, before anything is queued."""
     path = GRIDS_DIR / f"{name}.yaml"
-    if not path.exists():
-        raise ParamsError(f"no grid {name!r} (known: {', '.join(grid_names())})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_grid(path, grid_names())
     unknown = sorted(set(data) - GRID_KEYS)
     if unknown or not isinstance(data.get("rows"), dict) or not data["rows"]:
         raise ParamsError(
@@ -110,7 +123,7 @@ def overrides(
     return values
 
 
-def queue(
+def experiments(
     grid: Grid,
     rows,
     seeds,
@@ -118,71 +131,14 @@ def queue(
     sha256=None,
     extra: dict | None = None,
     prefix: str = "study",
-) -> None:
-    """Seed by seed, so that a queue cut short leaves every row with the same seeds."""
-    for seed in seeds:
-        for row in rows:
-            cmd = ["dvc", "exp", "run", "--queue", "-n", exp_name(row, seed, prefix)]
-            values = overrides(grid, row, seed, source, sha256, extra)
-            subprocess.run(cmd + P.set_options(values), check=True)
-
-
-WORKERS = Path(".dvc/tmp/exps/celery")  # where DVC's queue workers write their logs
-
-
-def report_dead_workers() -> None:
-    """Workers that start together can race on the file-based message broker of DVC's queue
-    (kombu's filesystem transport): one reads an exchange file while the other writes it, and
-    dies at start with JSONDecodeError (treeverse/dvc-task#73). The queue still completes on the
-    other workers, only less in parallel. (Starting them one by one doesn't help: a second
-    `dvc queue start` doesn't see a busy worker, and starts another worker 1 or waits for it.)"""
-    for n in workers_that_died_starting():
-        print(
-            f"study: DVC queue worker {n} died at start (a known DVC race, treeverse/dvc-task#73); "
-            "the other workers ran its share",
-            flush=True,
-        )
-
-
-def workers_that_died_starting(repo: Path = Path(".")) -> list[int]:
-    """Queue workers whose log (of the latest start) ends in celery's 'Unrecoverable error'."""
-    died = []
-    for log in sorted((repo / WORKERS).glob("dvc-exp-worker-*.out")):
-        latest = log.read_text(errors="replace").rsplit("@localhost v", 1)[
-            -1
-        ]  # since the last banner
-        if "Unrecoverable error" in latest:
-            died.append(int(log.stem.rsplit("-", 1)[1]))
-    return died
-
-
-def wait_for_queue(poll_seconds: float = 10, max_failures: int = 5) -> None:
-    """Until nothing is queued or running. `dvc queue status` itself can fail now and then (the
-    same broker race); a few failures in a row are retried, more are an error."""
-    failures = 0
-    while True:
-        status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True)
-        if status.returncode != 0:
-            failures += 1
-            if failures >= max_failures:
-                raise RuntimeError(
-                    f"`dvc queue status` failed {failures} times in a row: "
-                    f"{status.stderr.strip()[-300:]}"
-                )
-        else:
-            failures = 0
-            if not pending(status.stdout):
-                return
-        time.sleep(poll_seconds)
-
-
-def pending(queue_status: str) -> int:
-    """How many tasks `dvc queue status` lists as Queued or Running (the last column)."""
-    return sum(
-        1
-        for line in queue_status.splitlines()
-        if line.split() and line.split()[-1] in ("Queued", "Running")
-    )
+) -> list[tuple[str, dict]]:
+    """(name, params changes) of every experiment, seed by seed, so that a queue cut short
+    leaves every row with the same seeds."""
+    return [
+        (exp_name(row, seed, prefix), overrides(grid, row, seed, source, sha256, extra))
+        for seed in seeds
+        for row in rows
+    ]
 
 
 def table(grid: Grid, rows=None, seeds=None, prefix: str = "study") -> str:
@@ -284,26 +240,22 @@ def main() -> None:
         sys.exit(f"error (study): {exc}")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-    table_rows, table_seeds = rows, seeds
+    table_rows, table_seeds, failed = rows, seeds, []
     if args.command == "run":
-        run_queue(grid, rows, seeds, args.source, args.sha256, extra, args.prefix, args.jobs)
+        todo = experiments(grid, rows, seeds, args.source, args.sha256, extra, args.prefix)
+        failed = dvcqueue.run(todo, args.jobs, "study")
         # The table of the whole grid as MLflow knows it: a run of a few rows or seeds adds to
         # the table instead of cutting it down to them.
         table_rows, table_seeds = list(grid.rows), sorted(set(grid.seeds) | set(seeds))
     text = table(grid, table_rows, table_seeds, args.prefix)
     sio.write_text(args.out or default_out(args.prefix, args.grid), text)
     print(text)
-    if args.command == "run":  # and every run just made: reports/comparison.md, curves.png, gap.png
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "stages.experiments.compare",
-                "--exps",
-                ",".join(exp_name(r, s, args.prefix) for r in rows for s in seeds),
-            ],
-            check=True,
-        )
+    if args.command == "run":  # and every run just made that finished: the comparison report
+        finished = [name for name, _ in todo if name not in failed]
+        if finished:
+            compare = [sys.executable, "-m", "stages.experiments.compare", "--exps"]
+            subprocess.run([*compare, ",".join(finished), "--prefix", args.prefix], check=True)
+    dvcqueue.exit_if_failed(failed, "study")
 
 
 def parse_args() -> argparse.Namespace:
@@ -327,18 +279,23 @@ def parse_args() -> argparse.Namespace:
         help="the table's file (default: reports/<prefix>.md, "
         "reports/<prefix>-<grid>.md for another grid)",
     )
+    add_set_option(parser, "row")
+    parser.add_argument(
+        "--prefix", default="study", help="experiment names <prefix>-<row>-s<seed> (default: study)"
+    )
+    return parser.parse_args()
+
+
+def add_set_option(parser: argparse.ArgumentParser, each: str) -> None:
+    """--set KEY=VALUE (repeatable), read by parse_sets; the sweep takes it too."""
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a param over every row (repeatable), e.g. --set train.epochs=5 for "
+        help=f"a param over every {each} (repeatable), e.g. --set train.epochs=5 for "
         "a quick pass; use it with another --prefix",
     )
-    parser.add_argument(
-        "--prefix", default="study", help="experiment names <prefix>-<row>-s<seed> (default: study)"
-    )
-    return parser.parse_args()
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -369,13 +326,6 @@ def check_committed_params(path: Path = P.PARAMS_FILE) -> None:
             f"{', …' if len(changed) > 5 else ''}), which every experiment would "
             "inherit: commit them, or `git checkout params.yaml`"
         )
-
-
-def run_queue(grid: Grid, rows, seeds, source, sha256, extra: dict, prefix: str, jobs: int) -> None:
-    queue(grid, rows, seeds, source, sha256, extra, prefix)
-    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
-    wait_for_queue()
-    report_dead_workers()
 
 
 if __name__ == "__main__":

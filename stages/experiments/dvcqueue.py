@@ -1,0 +1,155 @@
+"""Run named experiments through DVC's queue, and say how each one ended as it ends.
+
+The study (study.py) and the sweep (sweep.py) both hand `run` a list of (name, params changes):
+each becomes `dvc exp run --queue -n <name> -S key=value ...`, the queue runs with
+`dvc queue start -j N`, and while it runs every experiment that ends prints one line — its name,
+test accuracy and minutes, or, when it failed, the first error line of its log. `run` returns the
+names that failed, so the caller can still write the table of what finished before exiting
+non-zero.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stages import params as P
+
+WORKERS = Path(".dvc/tmp/exps/celery")  # where DVC's queue workers write their logs
+ENDED = ("Success", "Failed")  # the `dvc queue status` states a task doesn't leave
+
+
+def run(experiments: list[tuple[str, dict]], jobs: int, tool: str) -> list[str]:
+    """Queue `experiments` in order, run them with `jobs` workers, wait for all of them; the
+    names of those that failed. `tool` ("study", "sweep") starts the progress lines."""
+    before = set(tasks(queue_status()))  # tasks of earlier passes, still listed by DVC
+    for name, changes in experiments:
+        cmd = ["dvc", "exp", "run", "--queue", "-n", name, *P.set_options(changes)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    ours = {task: name for task, (name, _) in tasks(queue_status()).items() if task not in before}
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+    failed = wait(ours, tool)
+    report_dead_workers(tool)
+    return failed
+
+
+def exit_if_failed(failed: list[str], tool: str) -> None:
+    """One line naming the experiments that failed (their errors were printed as they ended)."""
+    if failed:
+        sys.exit(f"error ({tool}): {len(failed)} experiment(s) failed: {', '.join(failed)}")
+
+
+def queue_status(max_failures: int = 5, retry_seconds: float = 2) -> str:
+    """`dvc queue status`'s output. It fails now and then while workers start (the broker race
+    below); a few failures in a row are retried, more are an error."""
+    for _ in range(max_failures):
+        status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True)
+        if status.returncode == 0:
+            return status.stdout
+        time.sleep(retry_seconds)
+    raise RuntimeError(
+        f"`dvc queue status` failed {max_failures} times in a row: {status.stderr.strip()[-300:]}"
+    )
+
+
+def tasks(status: str) -> dict[str, tuple[str, str]]:
+    """{task id: (experiment name, state)} from `dvc queue status`'s table (Task, Name, Created,
+    Status: the name is the second column, the state the last)."""
+    found = {}
+    for line in status.splitlines()[1:]:
+        cells = line.split()
+        if len(cells) >= 4 and cells[-1] in ("Queued", "Running", *ENDED):
+            found[cells[0]] = (cells[1], cells[-1])
+    return found
+
+
+def pending(status: str) -> int:
+    """How many tasks `dvc queue status` lists as Queued or Running."""
+    return sum(1 for _, state in tasks(status).values() if state not in ENDED)
+
+
+def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10) -> list[str]:
+    """Until every task in `ours` ({task id: name}) has ended, printing a line for each as it
+    ends; the names of those that failed."""
+    left, failed = dict(ours), []
+    while left:
+        time.sleep(poll_seconds)
+        now = tasks(queue_status())
+        for task, name in list(left.items()):
+            state = now.get(task, (name, "Success"))[1]  # gone from the list: DVC collected it
+            if state not in ENDED:
+                continue
+            del left[task]
+            done = len(ours) - len(left)
+            if state == "Failed":
+                failed.append(name)
+                print(
+                    f"{tool}: [{done}/{len(ours)}] {name} FAILED: {first_error(name)}", flush=True
+                )
+            else:
+                print(f"{tool}: [{done}/{len(ours)}] {name}: {result_line(name)}", flush=True)
+    return failed
+
+
+def result_line(name: str) -> str:
+    """Test accuracy and minutes (train + evaluate) of the experiment's MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from stages.tracking import store
+
+    params = P.load()
+    client = MlflowClient(store.tracking_uri(params.mlflow))
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    runs = (
+        client.search_runs(
+            [experiment.experiment_id],
+            f"tags.`dvc.exp_name` = '{name}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if experiment
+        else []
+    )
+    if not runs or "test_accuracy" not in runs[0].data.metrics:
+        return "finished, but no evaluated MLflow run of that name"
+    run = runs[0]
+    minutes = (run.info.end_time - run.info.start_time) / 60000
+    return f"test accuracy {100 * run.data.metrics['test_accuracy']:.1f}%, {minutes:.1f} min"
+
+
+def first_error(name: str) -> str:
+    """The first error line of a failed experiment's log (`dvc queue logs <name>`): the stage's
+    own one-line `error (<stage>): ...` when there is one, else DVC's `ERROR: ...`."""
+    logs = subprocess.run(["dvc", "queue", "logs", name], capture_output=True, text=True)
+    lines = [line.strip() for line in (logs.stdout + logs.stderr).splitlines()]
+    for marker in ("error (", "ERROR", "Error"):
+        for line in lines:
+            if line.startswith(marker) or (marker != "error (" and marker in line):
+                return line
+    return f"no error line in its log (see `dvc queue logs {name}`)"
+
+
+def report_dead_workers(tool: str) -> None:
+    """Workers that start together can race on the file-based message broker of DVC's queue
+    (kombu's filesystem transport): one reads an exchange file while the other writes it, and
+    dies at start with JSONDecodeError (treeverse/dvc-task#73). The queue still completes on the
+    other workers, only less in parallel. (Starting them one by one doesn't help: a second
+    `dvc queue start` doesn't see a busy worker, and starts another worker 1 or waits for it.)"""
+    for n in workers_that_died_starting():
+        print(
+            f"{tool}: DVC queue worker {n} died at start (a known DVC race, treeverse/dvc-task#73); "
+            "the other workers ran its share",
+            flush=True,
+        )
+
+
+def workers_that_died_starting(repo: Path = Path(".")) -> list[int]:
+    """Queue workers whose log (of the latest start) ends in celery's 'Unrecoverable error'."""
+    died = []
+    for log in sorted((repo / WORKERS).glob("dvc-exp-worker-*.out")):
+        since_last_banner = log.read_text(errors="replace").rsplit("@localhost v", 1)[-1]
+        if "Unrecoverable error" in since_last_banner:
+            died.append(int(log.stem.rsplit("-", 1)[1]))
+    return died
