@@ -72,10 +72,28 @@ class Augment(Section):
         0.0, ge=0, le=1
     )  # brightness/contrast/saturation factors in [1-s, 1+s]
     erasing: float = Field(0.0, ge=0, le=1)  # probability of erasing a random rectangle (cutout)
+    # RandomResizedCrop: [lo, hi] share of the image's area kept, resized back; null = off
+    resized_crop_scale: list[float] | None = Field(None, min_length=2, max_length=2)
+    # [lo, hi] of the crop's aspect ratio (width / height), drawn log-uniformly
+    resized_crop_ratio: list[float] = Field([0.75, 1.333], min_length=2, max_length=2)
     mixup_alpha: float = Field(0.0, ge=0)  # Beta(a, a) mixing of image pairs and labels; 0 = off
     cutmix_alpha: float = Field(0.0, ge=0)  # Beta(a, a) area pasted between pairs; 0 = off
     online: bool = False  # apply the image policy to every training batch, anew each epoch
     copies: int = Field(0, ge=0, le=20)  # augmented copies of each training image, made offline
+
+    @field_validator("resized_crop_scale")
+    @classmethod
+    def _scale(cls, scale: list[float] | None) -> list[float] | None:
+        if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError("needs 0 < lo <= hi <= 1 (shares of the image's area)")
+        return scale
+
+    @field_validator("resized_crop_ratio")
+    @classmethod
+    def _ratio(cls, ratio: list[float]) -> list[float]:
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError("needs 0 < lo <= hi (aspect ratios, width / height)")
+        return ratio
 
 
 BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0")
@@ -267,6 +285,12 @@ def check_combinations(params: Params) -> None:
                 f"params.yaml: model.{key} = {getattr(m, key)!r} applies to "
                 f"{' and '.join(models)}, not to {m.name} (leave it at {default!r})"
             )
+    a = params.augment
+    if a.resized_crop_scale is None and a.resized_crop_ratio != Augment().resized_crop_ratio:
+        raise ParamsError(
+            f"params.yaml: augment.resized_crop_ratio = {a.resized_crop_ratio} shapes the "
+            "resized crop, which is off (augment.resized_crop_scale is null)"
+        )
     if m.name in BACKBONES:
         if params.data.normalize == "dataset":
             raise ParamsError(
