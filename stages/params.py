@@ -161,6 +161,8 @@ class Train(Section):
     )  # linear warm-up from 0 (none/cosine/step; onecycle has its own)
     early_stopping: EarlyStopping = EarlyStopping()
     backbone_lr_mult: float = Field(1.0, ge=0)  # lr of everything but the head = lr * this
+    # block k counted from the head (head: k = 0) trains at lr * this^k; 1 = off
+    layer_lr_decay: float = Field(1.0, gt=0, le=1)
     unfreeze_at_epoch: int = Field(0, ge=0)  # from this epoch on, model.freeze is lifted; 0 = never
     l2_sp: float = Field(0.0, ge=0)  # loss += l2_sp * sum (w - w_pretrained)^2 (L2-SP)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
@@ -313,6 +315,12 @@ def check_combinations(params: Params) -> None:
         raise ParamsError(
             "params.yaml: train.l2_sp needs pretrained weights to stay close to "
             "(model.pretrained is none)"
+        )
+    if t.layer_lr_decay != 1 and t.backbone_lr_mult != 1:
+        raise ParamsError(
+            f"params.yaml: train.layer_lr_decay = {t.layer_lr_decay} and train.backbone_lr_mult = "
+            f"{t.backbone_lr_mult}: both set the backbone's learning rate; use one "
+            "(backbone_lr_mult is one rate for every block, layer_lr_decay one per block)"
         )
     if t.unfreeze_at_epoch and m.freeze == "none":
         raise ParamsError(

@@ -203,9 +203,33 @@ def test_discriminative_learning_rates():
     assert len(backbone["params"]) + len(head["params"]) == len(list(model.parameters()))
 
 
+def test_layer_wise_learning_rate_decay():
+    """net's blocks are conv1, conv2, fc1, fc2 and the head fc3: k = 4, 3, 2, 1, 0 from the head.
+    Parameters in no block (here conv1, left out of the blocks) take the deepest block's rate."""
+    model = small.Net(3)
+    decayed = P.Train(lr=0.1, layer_lr_decay=0.5)
+    optimizer = train.make_optimizer(decayed, model, model.fc3, model.blocks())
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for k, layer in enumerate([model.fc3, model.fc2, model.fc1, model.conv2, model.conv1]):
+        assert lr_of[id(layer.weight)] == lr_of[id(layer.bias)] == pytest.approx(0.1 * 0.5**k)
+    assert len(optimizer.param_groups) == 5
+    assert len(lr_of) == len(list(model.parameters()))
+    without_stem = train.make_optimizer(decayed, model, model.fc3, model.blocks()[1:])
+    lr_of = {id(p): g["lr"] for g in without_stem.param_groups for p in g["params"]}
+    assert lr_of[id(model.conv1.weight)] == lr_of[id(model.conv2.weight)] == pytest.approx(0.0125)
+    plain = train.make_optimizer(P.Train(lr=0.1), model, model.fc3, model.blocks())
+    assert [g["lr"] for g in plain.param_groups] == [0.1, 0.1]  # off: backbone and head
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
+        (
+            {"train": {"layer_lr_decay": 0.7, "backbone_lr_mult": 0.1}},
+            "train.layer_lr_decay = 0.7 and train.backbone_lr_mult = 0.1: both set",
+        ),
+        ({"train": {"layer_lr_decay": 0}}, "train.layer_lr_decay = 0: Input should be greater"),
+        ({"train": {"layer_lr_decay": 1.5}}, "train.layer_lr_decay = 1.5: Input should be less"),
         ({"train": {"l2_sp": 0.01}}, "train.l2_sp needs pretrained weights"),
         ({"model": {"name": "net", "pretrained": "imagenet"}}, "no ImageNet weights for net"),
         (
