@@ -221,6 +221,16 @@ class Evaluate(Section):
     # its own training data; overfitting when it is good there but much worse on new data.
     min_train_accuracy: float = Field(0.6, ge=0, le=1)  # below: underfitting
     max_gap: float = Field(0.1, ge=0, le=1)  # train - test accuracy above this: overfitting
+    # WiSE-FT (Wortsman et al., 2022): backbone = (1 - a) * pretrained + a * fine-tuned, for each a
+    # here (and a = 1); a picked on validation. Needs model.pretrained; [] = off
+    wise_alphas: list[float] = Field(default_factory=list)
+
+    @field_validator("wise_alphas")
+    @classmethod
+    def _alphas(cls, alphas: list[float]) -> list[float]:
+        if any(not 0 <= a <= 1 for a in alphas):
+            raise ValueError("every alpha must be in [0, 1] (0: pretrained, 1: fine-tuned)")
+        return alphas
 
 
 class Mlflow(Section):
@@ -321,6 +331,11 @@ def check_combinations(params: Params) -> None:
             f"params.yaml: train.layer_lr_decay = {t.layer_lr_decay} and train.backbone_lr_mult = "
             f"{t.backbone_lr_mult}: both set the backbone's learning rate; use one "
             "(backbone_lr_mult is one rate for every block, layer_lr_decay one per block)"
+        )
+    if params.evaluate.wise_alphas and m.pretrained == "none":
+        raise ParamsError(
+            "params.yaml: evaluate.wise_alphas interpolates between the pretrained and the "
+            "fine-tuned weights, but model.pretrained is none: set it, or wise_alphas: []"
         )
     if t.unfreeze_at_epoch and m.freeze == "none":
         raise ParamsError(
