@@ -279,6 +279,19 @@ SHAPE_KEYS = {
 }
 
 
+def input_sizes(m: Model) -> tuple[int, int, str]:
+    """(smallest, largest, why): the model.input_size range that makes sense for the network."""
+    if m.name == "net":
+        return 32, 32, "its first dense layer is sized for 16×5×5 features of 32×32 images"
+    if m.name == "cnn":
+        return 2**m.depth, 512, f"model.depth = {m.depth} halves the image {m.depth} times"
+    if m.name == "resnet9":
+        return 8, 512, "it halves the image 3 times"
+    # ImageNet backbones: a stride of 32 leaves one pixel of features at 32 px; 224 px is what
+    # the weights were trained at, and upsampling 32-px images further adds cost, not detail
+    return 32, 224, "its features are 32× smaller than its input; its weights saw 224 px"
+
+
 def check_combinations(params: Params) -> None:
     """Values that are fine alone but mean nothing together: an error, not a silent no-op."""
     m, t = params.model, params.train
@@ -314,8 +327,13 @@ def check_combinations(params: Params) -> None:
             f"params.yaml: model.pretrained = imagenet: there are no ImageNet "
             f"weights for {m.name} (allowed: {', '.join(BACKBONES)})"
         )
-    if m.name == "net" and m.input_size not in (None, 32):
-        raise ParamsError(f"params.yaml: model.input_size = {m.input_size}: net takes 32×32 images")
+    if m.input_size is not None:
+        low, high, why = input_sizes(m)
+        if not low <= m.input_size <= high:
+            raise ParamsError(
+                f"params.yaml: model.input_size = {m.input_size}: {m.name} takes "
+                f"{low}…{high} pixels ({why})"
+            )
     if m.freeze_bn and (m.name == "net" or (m.name == "cnn" and not m.batch_norm)):
         raise ParamsError(
             f"params.yaml: model.freeze_bn = true, but {m.name} has no batch norm "

@@ -245,6 +245,13 @@ def test_layer_wise_learning_rate_decay():
         ({"model": {"freeze": "all_but_last_x"}}, "model.freeze = 'all_but_last_x'"),
         ({"model": {"name": "resnet50"}}, "model.name = 'resnet50'"),
         ({"model": {"name": "net", "freeze_bn": True}}, "net has no batch norm"),
+        ({"model": {"name": "net", "input_size": 64}}, "input_size = 64: net takes 32…32 pixels"),
+        (
+            {"model": {"name": "efficientnet_lite0", "input_size": 256}},
+            "input_size = 256: efficientnet_lite0 takes 32…224 pixels",
+        ),
+        ({"model": {"name": "resnet18", "input_size": 16}}, "resnet18 takes 32…224 pixels"),
+        ({"model": {"name": "cnn", "depth": 5, "input_size": 16}}, "cnn takes 32…512 pixels"),
     ],
 )
 def test_fine_tuning_params_that_mean_nothing_are_refused(change, message):
