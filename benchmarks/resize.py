@@ -27,13 +27,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages import params as P  # noqa: E402
-from stages.networks.build import build_model  # noqa: E402
+from stages import params as P
+from stages.networks.build import build_model
 
 
-def seconds(fn) -> float:
+def seconds(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -66,9 +66,11 @@ def main() -> None:
     times: dict[int, dict[str, list[float]]] = {s: {"resize": [], "step": []} for s in sizes}
     for _ in range(args.repeats):
         for size in sizes:
-            times[size]["resize"].append(min(seconds(lambda: resize(size)) for _ in range(5)))
-            times[size]["step"].append(seconds(lambda: step(size)))
-    print(f"EfficientNet-Lite0, batch {args.batch} of 32-px images, {torch.get_num_threads()} threads")
+            times[size]["resize"].append(min(seconds(resize, size) for _ in range(5)))
+            times[size]["step"].append(seconds(step, size))
+    print(
+        f"EfficientNet-Lite0, batch {args.batch} of 32-px images, {torch.get_num_threads()} threads"
+    )
     print("input px | resize ms | step ms (forward + backward) | resize / step")
     for size in sizes:
         r, s = (statistics.median(times[size][k]) for k in ("resize", "step"))

@@ -457,3 +457,33 @@ def test_wise_ft_refusals(change, message):
     with pytest.raises(ParamsError, match=message) as caught:
         P.parse(change)
     assert "\n" not in str(caught.value)
+
+
+def test_lp_ft_probes_the_head_then_fine_tunes_everything(tiny_data):
+    """LP-FT (Kumar et al., 2022) as model.freeze = backbone + train.unfreeze_at_epoch = 2: after
+    epoch 1 (the linear probe) the backbone is still the pretrained one and the head has moved;
+    after epoch 2 the backbone has moved too, and the head kept training from the probe's."""
+    torch.manual_seed(5)
+    weights = tiny_data / "pretrained.pt"
+    torch.save(small.Net(10).state_dict(), weights)
+    pretrained = torch.load(weights)
+    recipe = {
+        **TINY,
+        "data.source": "unused",
+        "model.pretrained": str(weights),
+        "model.freeze": "backbone",
+        "train.unfreeze_at_epoch": 2,
+        "train.lr": 0.05,
+    }
+    states = {}
+    for epochs in (1, 2):
+        write_params(tiny_data, **{**recipe, "train.epochs": epochs})
+        train.main()
+        states[epochs] = sio.load_torch(train.MODEL)["state_dict"]
+    backbone = [k for k in pretrained if not k.startswith("fc3.")]
+    assert all(torch.equal(states[1][k], pretrained[k]) for k in backbone)
+    assert not any(torch.equal(states[2][k], pretrained[k]) for k in backbone)
+    torch.manual_seed(0)  # the head as it was initialized
+    initial = build_model(P.load(), 3, 32).state_dict()["fc3.weight"]
+    assert not torch.equal(states[1]["fc3.weight"], initial)
+    assert not torch.equal(states[2]["fc3.weight"], states[1]["fc3.weight"])
