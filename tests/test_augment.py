@@ -173,6 +173,16 @@ def test_resized_crop_is_reproducible_and_keeps_shape_and_range():
     assert (cropped[..., 1:] >= cropped[..., :-1]).all()  # still increasing left to right
 
 
+def test_resized_crop_params_reach_the_policy():
+    """train (online) and augment (offline copies) both build their policy with from_params."""
+    augment_params = P.parse(
+        {"augment": {"resized_crop_scale": [0.35, 1], "resized_crop_ratio": [0.5, 2]}}
+    ).augment
+    policy = Policy.from_params(augment_params)
+    assert policy.resized_crop_scale == (0.35, 1.0) and policy.resized_crop_ratio == (0.5, 2.0)
+    assert policy.active and not Policy.from_params(P.parse({}).augment).active
+
+
 def test_resized_crop_of_the_whole_image_is_the_identity():
     images = torch.randint(0, 256, (20, 3, 12, 10), dtype=torch.uint8)
     policy = Policy(resized_crop_scale=(1.0, 1.0), resized_crop_ratio=(1.0, 1.0))

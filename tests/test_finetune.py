@@ -487,3 +487,21 @@ def test_lp_ft_probes_the_head_then_fine_tunes_everything(tiny_data):
     initial = build_model(P.load(), 3, 32).state_dict()["fc3.weight"]
     assert not torch.equal(states[1]["fc3.weight"], initial)
     assert not torch.equal(states[2]["fc3.weight"], states[1]["fc3.weight"])
+
+
+def test_wise_ft_refuses_a_model_trained_without_pretrained_weights(tiny_data):
+    """params.yaml may name weights the saved model never started from: evaluate reads what the
+    model was trained with, and stops in one line before measuring anything."""
+    train.main()
+    write_params(
+        tiny_data,
+        **{
+            **TINY,
+            "data.source": "unused",
+            "model.pretrained": "some.pt",
+            "evaluate.wise_alphas": [0.5],
+        },
+    )
+    with pytest.raises(StageError, match="trained without pretrained weights"):
+        evaluate.main()
+    assert not evaluate.METRICS.exists()
