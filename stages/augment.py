@@ -139,7 +139,12 @@ def save_preview(originals: np.ndarray, policy: Policy, seed: int) -> None:
             if row == 0:
                 ax.set_title("original" if col == 0 else f"augmented {col}", fontsize=7)
     note = "" if policy.active else " (augmentation is off: all versions equal the original)"
-    fig.suptitle(f"flip={policy.flip}, crop_padding={policy.crop_padding}{note}", fontsize=7)
+    crop = (
+        f", resized_crop_scale={list(policy.resized_crop_scale)}"
+        if policy.resized_crop_scale
+        else ""
+    )
+    fig.suptitle(f"flip={policy.flip}, crop_padding={policy.crop_padding}{crop}{note}", fontsize=7)
     fig.tight_layout()
     sio.save_figure(PREVIEW, fig)
     plt.close(fig)

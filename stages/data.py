@@ -40,10 +40,16 @@ class Policy:
     trivial_augment: bool = False  # TrivialAugmentWide: one random op, random strength, per image
     color_jitter: float = 0.0  # brightness, contrast and saturation factors drawn from [1-s, 1+s]
     erasing: float = 0.0  # probability of erasing one random rectangle per image
+    # RandomResizedCrop: the crop's share of the image's area, [lo, hi]; None = off
+    resized_crop_scale: tuple[float, float] | None = None
+    resized_crop_ratio: tuple[float, float] = (0.75, 1.333)  # the crop's width / height
 
     @classmethod
     def from_params(cls, augment) -> Policy:
+        scale = augment.resized_crop_scale
         return cls(
+            resized_crop_scale=tuple(scale) if scale is not None else None,
+            resized_crop_ratio=tuple(augment.resized_crop_ratio),
             flip=augment.flip,
             crop_padding=augment.crop_padding,
             trivial_augment=augment.trivial_augment,
@@ -58,6 +64,10 @@ class Policy:
 
 def augment(images: torch.Tensor, policy: Policy, generator: torch.Generator) -> torch.Tensor:
     """A new uint8 tensor, each image transformed with its own random draw. Labels don't change."""
+    if policy.resized_crop_scale is not None:  # first, as in torchvision's ImageNet recipe
+        images = random_resized_crop(
+            images, policy.resized_crop_scale, policy.resized_crop_ratio, generator
+        )
     if policy.crop_padding > 0:  # the crop and the flip in one pass over the pixels
         images = crop_and_flip(images, policy.crop_padding, policy.flip, generator)
     elif policy.flip:
@@ -113,6 +123,73 @@ def crop_and_flip(
         if group >= k * k:
             moved = torch.index_select(moved, 3, reverse, out=mirrored[:count])
         out.index_copy_(0, idx, moved)
+    return out
+
+
+def crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    tries: int = 10,
+) -> torch.Tensor:
+    """n crop boxes (left, top, right, bottom; pixels) drawn as v2.RandomResizedCrop draws one.
+
+    Per image: up to `tries` (area share uniform in `scale`, aspect ratio log-uniform in
+    `ratio`); the first that fits the image wins, at a uniform position; if none fits, the
+    centre crop closest to the ratio limits. The tries are drawn for every image at once (the
+    draws, in this order: n×tries area shares, n×tries log-ratios, n tops, n lefts), so an image
+    draws the same numbers however many tries it needed.
+    """
+    area = height * width * torch.empty(n, tries).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, tries).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
+    w = (area * log_ratio.exp()).sqrt().round()
+    h = (area / log_ratio.exp()).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first try that fits (0 if none does)
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    top = (torch.rand(n, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(n, generator=generator) * (width - w + 1)).floor()
+    # no try fits: torchvision's centre crop, the whole image cut to the nearest allowed ratio
+    if width / height < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    none_fits = ~fits.any(1)
+    w[none_fits], h[none_fits] = fw, fh
+    top[none_fits], left[none_fits] = (height - fh) // 2, (width - fw) // 2
+    return torch.stack([left, top, left + w, top + h], dim=1)
+
+
+def random_resized_crop(
+    images: torch.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """RandomResizedCrop(image size, scale, ratio) per image: one box per image (crop_boxes),
+    resized back to the image's size by torchvision.ops.roi_align, bilinear, whole batches at a
+    time. With aligned=True a box (0, 0, W, H) samples every pixel at its own centre: the
+    identity. Crops are never larger than the image, so one sample per output pixel
+    (sampling_ratio=1) is plain bilinear upsampling, as torchvision's resize does it."""
+    from torchvision.ops import roi_align  # imported when used: torchvision costs seconds
+
+    n, _, h, w = images.shape
+    boxes = crop_boxes(n, h, w, scale, ratio, generator).to(images.device)
+    out = torch.empty_like(images)
+    for start in range(0, n, chunk):  # float copies of `chunk` images at a time (48 MB at 32 px)
+        x = images[start : start + chunk].float()
+        part = boxes[start : start + chunk]
+        rois = torch.cat([torch.arange(len(part), device=x.device)[:, None].float(), part], 1)
+        resized = roi_align(x, rois, (h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+        out[start : start + chunk] = resized.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 

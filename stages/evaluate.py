@@ -7,6 +7,12 @@ model), per-class accuracy, the generalization gap
 where validation loss started rising while training loss kept falling, and a verdict
 (overfitting | underfitting | good_fit); reports/confusion.csv (one row per test image, for
 `dvc plots`) and reports/confusion.png.
+
+With evaluate.wise_alphas, WiSE-FT (Wortsman et al., CVPR 2022): for each α the backbone's
+weights and batch-norm buffers become (1 − α)·pretrained + α·fine-tuned, the fine-tuned head
+throughout; validation (data/prepared) and test accuracy are measured at each α, α is picked on
+validation, and its test accuracy is reported (wise_alpha, wise_test_accuracy); the curve goes
+to MLflow and reports/wise.png (which says "off" when wise_alphas is empty).
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ import torch
 
 from stages import errors, io as sio, params as P
 from stages.data import load_split
-from stages.networks import predict, tasks
-from stages.networks.build import build_model
+from stages.errors import StageError
+from stages.networks import architectures, predict, tasks, weights
+from stages.networks.build import build_model, network
 from stages.runtime import cpu_threads
 from stages.tracking import runs, store
 
 RAW = Path("data/raw")
+PREPARED = Path("data/prepared")  # its val split picks WiSE-FT's α
 MODEL = Path("models/model.pt")
 RUN = Path("models/run.json")
 TRAIN_METRICS = Path("metrics/train.json")
@@ -32,6 +40,7 @@ METRICS = Path("metrics/eval.json")
 CONFUSION_CSV = Path("reports/confusion.csv")
 CONFUSION_PNG = Path("reports/confusion.png")
 PREVIEW = Path("reports/augment_preview.png")
+WISE_PNG = Path("reports/wise.png")
 
 
 def main() -> None:
@@ -40,13 +49,41 @@ def main() -> None:
     torch.set_num_threads(cpu_threads())
     test_x, test_y = load_split(RAW, "test")
     model, trained_with, classes = load_model(MODEL, image_size=test_x.shape[-1])
+    alphas = params.evaluate.wise_alphas
+    if alphas:  # the pretrained weights, before any work
+        if trained_with.model.pretrained == "none":
+            raise StageError(
+                "evaluate.wise_alphas: the model was trained without pretrained weights "
+                "(model.pretrained none): there is nothing to interpolate towards"
+            )
+        pretrained, _ = weights.load_weights(
+            trained_with.model.pretrained,
+            trained_with.model.name,
+            store.tracking_uri(params.mlflow),
+        )
     metrics, matrix, predicted = test(model, trained_with, classes, test_x, test_y, params.evaluate)
+    if alphas:
+        val = load_split(PREPARED, "val")
+        metrics.update(
+            wise_ft(model, trained_with.model.name, pretrained, alphas, val, (test_x, test_y))
+        )
     write_outputs(metrics, matrix, classes, test_y, predicted)
     log_to_run(metrics, classes, params.mlflow)
     print(
         f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "
         f"gap {metrics['generalization_gap']:+.4f}: {metrics['verdict']}"
     )
+    if alphas:
+        best = (
+            "α = 1, plain fine-tuning, was best"
+            if metrics["wise_fine_tuned_best"]
+            else f"fine-tuned (α = 1): {metrics['wise_curve']['alpha_100']['test_accuracy']:.4f}"
+        )
+        print(
+            f"evaluate: WiSE-FT α = {metrics['wise_alpha']:g} (best validation accuracy, "
+            f"{metrics['wise_val_accuracy']:.4f}): test accuracy "
+            f"{metrics['wise_test_accuracy']:.4f}; {best}"
+        )
 
 
 def load_model(path: Path, image_size: int):
@@ -101,6 +138,46 @@ def test(
     return metrics, matrix, predicted
 
 
+def wise_ft(
+    model: torch.nn.Module,
+    name: str,
+    pretrained: dict,
+    alphas: list[float],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+) -> dict:
+    """WiSE-FT: accuracy on `val` and `test` with the backbone at (1 − α)·pretrained +
+    α·fine-tuned for each α (and α = 1, the model as trained, for comparison); α is picked on
+    validation, ties going to the larger α (nearer the model as trained). The head stays the
+    fine-tuned one: the pretrained head, if any, is for other classes. The model is left as
+    trained."""
+    net = network(model)
+    fine_tuned = {k: v.clone() for k, v in net.state_dict().items()}
+    head = architectures.head_name(name) + "."
+    curve = {}
+    for alpha in sorted({*alphas, 1.0}):
+        mixed = {  # lerp is exact at its ends: α = 0 gives the pretrained weights bit for bit
+            k: torch.lerp(pretrained[k].to(v.dtype), v, alpha) if v.is_floating_point() else v
+            for k, v in fine_tuned.items()
+            if not k.startswith(head)
+        }
+        weights.load_into(net, mixed, name)
+        curve[f"alpha_{round(100 * alpha):03d}"] = {  # alpha_000 … alpha_100: in order in JSON
+            "alpha": alpha,
+            "val_accuracy": predict.loss_and_accuracy(predict.predict(model, val[0]), val[1])[1],
+            "test_accuracy": predict.loss_and_accuracy(predict.predict(model, test[0]), test[1])[1],
+        }
+    net.load_state_dict(fine_tuned)
+    best = max(curve.values(), key=lambda row: (row["val_accuracy"], row["alpha"]))
+    return {
+        "wise_alpha": best["alpha"],
+        "wise_val_accuracy": best["val_accuracy"],
+        "wise_test_accuracy": best["test_accuracy"],
+        "wise_fine_tuned_best": best["alpha"] == 1.0,
+        "wise_curve": curve,
+    }
+
+
 def write_outputs(
     metrics: dict,
     matrix: np.ndarray,
@@ -117,6 +194,7 @@ def write_outputs(
         ),
     )
     save_confusion_png(matrix, classes, metrics["test_accuracy"])
+    save_wise_png(metrics)
 
 
 def log_to_run(metrics: dict, classes: list[str], mlflow_params: P.Mlflow) -> None:
@@ -137,8 +215,21 @@ def log_to_run(metrics: dict, classes: list[str], mlflow_params: P.Mlflow) -> No
             }
         )
         runs.set_tags({"verdict": metrics["verdict"]})
+        if "wise_curve" in metrics:  # the curve by step = 100·α, then the pick
+            for row in metrics["wise_curve"].values():
+                runs.log_metrics(
+                    {
+                        "wise_curve_val_accuracy": row["val_accuracy"],
+                        "wise_curve_test_accuracy": row["test_accuracy"],
+                    },
+                    step=round(100 * row["alpha"]),
+                )
+            runs.log_metrics(
+                {k: metrics[k] for k in ("wise_alpha", "wise_val_accuracy", "wise_test_accuracy")}
+            )
+            runs.set_tags({"wise_fine_tuned_best": str(metrics["wise_fine_tuned_best"]).lower()})
         runs.log_metrics({f"test_accuracy.{c}": metrics["per_class_accuracy"][c] for c in classes})
-        for path in [METRICS, CONFUSION_CSV, CONFUSION_PNG, PREVIEW]:
+        for path in [METRICS, CONFUSION_CSV, CONFUSION_PNG, PREVIEW, WISE_PNG]:
             if path.exists():
                 runs.log_artifact(path)
 
@@ -200,6 +291,32 @@ def save_confusion_png(matrix: np.ndarray, classes: list[str], accuracy: float) 
                 )
     fig.tight_layout()
     sio.save_figure(CONFUSION_PNG, fig)
+    plt.close(fig)
+
+
+def save_wise_png(metrics: dict) -> None:
+    """Validation and test accuracy against α, the pick marked; a note when WiSE-FT is off (DVC
+    expects the file either way)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    if "wise_curve" in metrics:
+        rows = list(metrics["wise_curve"].values())
+        alphas = [row["alpha"] for row in rows]
+        for split in ("val", "test"):
+            ax.plot(alphas, [row[f"{split}_accuracy"] for row in rows], "o-", label=split)
+        ax.axvline(metrics["wise_alpha"], color="grey", linestyle=":", label="picked on val")
+        ax.set(xlabel="α (0: pretrained backbone, 1: fine-tuned)", ylabel="accuracy")
+        ax.set_title(f"WiSE-FT: test accuracy {metrics['wise_test_accuracy']:.3f}", fontsize=9)
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "WiSE-FT is off\n(evaluate.wise_alphas is empty)", ha="center")
+        ax.set_axis_off()
+    fig.tight_layout()
+    sio.save_figure(WISE_PNG, fig)
     plt.close(fig)
 
 

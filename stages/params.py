@@ -72,10 +72,28 @@ class Augment(Section):
         0.0, ge=0, le=1
     )  # brightness/contrast/saturation factors in [1-s, 1+s]
     erasing: float = Field(0.0, ge=0, le=1)  # probability of erasing a random rectangle (cutout)
+    # RandomResizedCrop: [lo, hi] share of the image's area kept, resized back; null = off
+    resized_crop_scale: list[float] | None = Field(None, min_length=2, max_length=2)
+    # [lo, hi] of the crop's aspect ratio (width / height), drawn log-uniformly
+    resized_crop_ratio: list[float] = Field([0.75, 1.333], min_length=2, max_length=2)
     mixup_alpha: float = Field(0.0, ge=0)  # Beta(a, a) mixing of image pairs and labels; 0 = off
     cutmix_alpha: float = Field(0.0, ge=0)  # Beta(a, a) area pasted between pairs; 0 = off
     online: bool = False  # apply the image policy to every training batch, anew each epoch
     copies: int = Field(0, ge=0, le=20)  # augmented copies of each training image, made offline
+
+    @field_validator("resized_crop_scale")
+    @classmethod
+    def _scale(cls, scale: list[float] | None) -> list[float] | None:
+        if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError("needs 0 < lo <= hi <= 1 (shares of the image's area)")
+        return scale
+
+    @field_validator("resized_crop_ratio")
+    @classmethod
+    def _ratio(cls, ratio: list[float]) -> list[float]:
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError("needs 0 < lo <= hi (aspect ratios, width / height)")
+        return ratio
 
 
 BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0")
@@ -143,6 +161,8 @@ class Train(Section):
     )  # linear warm-up from 0 (none/cosine/step; onecycle has its own)
     early_stopping: EarlyStopping = EarlyStopping()
     backbone_lr_mult: float = Field(1.0, ge=0)  # lr of everything but the head = lr * this
+    # block k counted from the head (head: k = 0) trains at lr * this^k; 1 = off
+    layer_lr_decay: float = Field(1.0, gt=0, le=1)
     unfreeze_at_epoch: int = Field(0, ge=0)  # from this epoch on, model.freeze is lifted; 0 = never
     l2_sp: float = Field(0.0, ge=0)  # loss += l2_sp * sum (w - w_pretrained)^2 (L2-SP)
     # false: biases and norm layers (1-D parameters) get no weight decay (timm's usual groups)
@@ -207,6 +227,16 @@ class Evaluate(Section):
     # its own training data; overfitting when it is good there but much worse on new data.
     min_train_accuracy: float = Field(0.6, ge=0, le=1)  # below: underfitting
     max_gap: float = Field(0.1, ge=0, le=1)  # train - test accuracy above this: overfitting
+    # WiSE-FT (Wortsman et al., 2022): backbone = (1 - a) * pretrained + a * fine-tuned, for each a
+    # here (and a = 1); a picked on validation. Needs model.pretrained; [] = off
+    wise_alphas: list[float] = Field(default_factory=list)
+
+    @field_validator("wise_alphas")
+    @classmethod
+    def _alphas(cls, alphas: list[float]) -> list[float]:
+        if any(not 0 <= a <= 1 for a in alphas):
+            raise ValueError("every alpha must be in [0, 1] (0: pretrained, 1: fine-tuned)")
+        return alphas
 
 
 class Mlflow(Section):
@@ -255,6 +285,19 @@ SHAPE_KEYS = {
 }
 
 
+def input_sizes(m: Model) -> tuple[int, int, str]:
+    """(smallest, largest, why): the model.input_size range that makes sense for the network."""
+    if m.name == "net":
+        return 32, 32, "its first dense layer is sized for 16×5×5 features of 32×32 images"
+    if m.name == "cnn":
+        return 2**m.depth, 512, f"model.depth = {m.depth} halves the image {m.depth} times"
+    if m.name == "resnet9":
+        return 8, 512, "it halves the image 3 times"
+    # ImageNet backbones: a stride of 32 leaves one pixel of features at 32 px; 224 px is what
+    # the weights were trained at, and upsampling 32-px images further adds cost, not detail
+    return 32, 224, "its features are 32× smaller than its input; its weights saw 224 px"
+
+
 def check_combinations(params: Params) -> None:
     """Values that are fine alone but mean nothing together: an error, not a silent no-op."""
     m, t = params.model, params.train
@@ -273,6 +316,12 @@ def check_combinations(params: Params) -> None:
                 f"params.yaml: model.{key} = {getattr(m, key)!r} applies to "
                 f"{' and '.join(models)}, not to {m.name} (leave it at {default!r})"
             )
+    a = params.augment
+    if a.resized_crop_scale is None and a.resized_crop_ratio != Augment().resized_crop_ratio:
+        raise ParamsError(
+            f"params.yaml: augment.resized_crop_ratio = {a.resized_crop_ratio} shapes the "
+            "resized crop, which is off (augment.resized_crop_scale is null)"
+        )
     if m.name in BACKBONES:
         if params.data.normalize == "dataset":
             raise ParamsError(
@@ -284,8 +333,13 @@ def check_combinations(params: Params) -> None:
             f"params.yaml: model.pretrained = imagenet: there are no ImageNet "
             f"weights for {m.name} (allowed: {', '.join(BACKBONES)})"
         )
-    if m.name == "net" and m.input_size not in (None, 32):
-        raise ParamsError(f"params.yaml: model.input_size = {m.input_size}: net takes 32×32 images")
+    if m.input_size is not None:
+        low, high, why = input_sizes(m)
+        if not low <= m.input_size <= high:
+            raise ParamsError(
+                f"params.yaml: model.input_size = {m.input_size}: {m.name} takes "
+                f"{low}…{high} pixels ({why})"
+            )
     if m.freeze_bn and (m.name == "net" or (m.name == "cnn" and not m.batch_norm)):
         raise ParamsError(
             f"params.yaml: model.freeze_bn = true, but {m.name} has no batch norm "
@@ -310,6 +364,17 @@ def check_combinations(params: Params) -> None:
         raise ParamsError(
             f"params.yaml: train.swa_start_epoch = {t.swa_start_epoch}, but training stops "
             f"after train.epochs = {t.epochs}: nothing would be averaged"
+        )
+    if t.layer_lr_decay != 1 and t.backbone_lr_mult != 1:
+        raise ParamsError(
+            f"params.yaml: train.layer_lr_decay = {t.layer_lr_decay} and train.backbone_lr_mult = "
+            f"{t.backbone_lr_mult}: both set the backbone's learning rate; use one "
+            "(backbone_lr_mult is one rate for every block, layer_lr_decay one per block)"
+        )
+    if params.evaluate.wise_alphas and m.pretrained == "none":
+        raise ParamsError(
+            "params.yaml: evaluate.wise_alphas interpolates between the pretrained and the "
+            "fine-tuned weights, but model.pretrained is none: set it, or wise_alphas: []"
         )
     if t.unfreeze_at_epoch and m.freeze == "none":
         raise ParamsError(

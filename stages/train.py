@@ -228,7 +228,8 @@ class Training:
 
 def set_up_training(params: P.Params, data: Data, model: Model) -> Training:
     steps_per_epoch = math.ceil(len(data.train_x) / params.train.batch_size)
-    optimizer = make_optimizer(params.train, model.model, model.head)
+    blocks = architectures.blocks(model.net, params.model.name)
+    optimizer = make_optimizer(params.train, model.model, model.head, blocks)
     class_weights = (
         regularize.balanced_class_weights(data.train_y, len(data.classes)).to(data.train_y.device)
         if params.train.class_weighting == "balanced"
@@ -526,11 +527,16 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def make_optimizer(
-    train: P.Train, model: nn.Module, head: nn.Module | None = None
+    train: P.Train,
+    model: nn.Module,
+    head: nn.Module | None = None,
+    blocks: list[list[nn.Module]] | None = None,
 ) -> torch.optim.Optimizer:
-    """Two parameter groups: the head at train.lr, the rest at train.lr * train.backbone_lr_mult
-    (discriminative learning rates); without a head, one group. Frozen parameters are in it too
-    but get no gradient, and optimizers skip those: no update, no weight decay, until unfrozen.
+    """The head at train.lr, the rest at train.lr * train.backbone_lr_mult (discriminative
+    learning rates); without a head, one group. With train.layer_lr_decay < 1, block k counted
+    from the head (the head is k = 0, the last of `blocks` k = 1) trains at lr * decay^k, a group
+    per block; parameters in no block take the deepest block's rate. Frozen parameters are in the
+    groups too but get no gradient, and optimizers skip those: no update, no weight decay, until unfrozen.
     Learned task weights (tasks.weighting = uncertainty) get a group of their own, at train.lr
     and without weight decay, which would pull every task's weight towards 1. With
     train.decay_bias_and_norm false, each group's 1-D parameters (biases, norm layers' scales
@@ -539,12 +545,23 @@ def make_optimizer(
     log_vars = getattr(model, "log_vars", None)
     skip = {id(log_vars)}
     in_head = {id(p) for p in (head or model).parameters()}
+    blocks = blocks or []
+    # one of the two factors is 1: params.py refuses setting both
+    backbone_lr, decay = train.lr * train.backbone_lr_mult, train.layer_lr_decay
+    deepest = backbone_lr * decay ** len(blocks)
+    rate = {
+        id(p): backbone_lr * decay ** (len(blocks) - i)
+        for i, block in enumerate(blocks)
+        for module in block
+        for p in module.parameters()
+    }
+    by_rate: dict[float, list[nn.Parameter]] = {}  # one group per rate
+    for p in model.parameters():
+        if id(p) not in in_head | skip:
+            by_rate.setdefault(rate.get(id(p), deepest), []).append(p)
     groups = [
         {"params": [log_vars] if log_vars is not None else [], "lr": train.lr, "weight_decay": 0.0},
-        {
-            "params": [p for p in model.parameters() if id(p) not in in_head | skip],
-            "lr": train.lr * train.backbone_lr_mult,
-        },
+        *({"params": params, "lr": lr} for lr, params in by_rate.items()),
         {"params": [p for p in model.parameters() if id(p) in in_head - skip], "lr": train.lr},
     ]
     if not train.decay_bias_and_norm:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import TINY, write_params
 
-from stages import augment as augment_stage, download, io as sio, train
-from stages.data import Policy, augment, crop_and_flip, epoch_generator
-from stages.errors import StageError
+from stages import augment as augment_stage, download, io as sio, params as P, train
+from stages.data import Policy, augment, crop_and_flip, crop_boxes, epoch_generator
+from stages.errors import ParamsError, StageError
 
 
 def prepare(workdir, **overrides) -> dict:
@@ -66,15 +66,18 @@ def test_train_size_larger_than_data_is_a_clear_error(workdir, pickle_archive):
         )
 
 
-def test_offline_copies(workdir, pickle_archive):
+@pytest.mark.parametrize(
+    "policy",
+    [{"augment.flip": True, "augment.crop_padding": 4}, {"augment.resized_crop_scale": [0.3, 0.5]}],
+)
+def test_offline_copies(workdir, pickle_archive, policy):
     out = prepare(
         workdir,
         **{
             "data.source": str(pickle_archive),
             "data.val_fraction": 0.2,
             "augment.copies": 2,
-            "augment.flip": True,
-            "augment.crop_padding": 4,
+            **policy,
         },
     )
     n = 72
@@ -154,3 +157,71 @@ def test_online_augmentation_is_what_changes_training(workdir, pickle_archive, m
     assert not all(torch.equal(plain[k], online[k]) for k in plain)
     bars = terminal.getvalue()
     assert "epoch 1/2" in bars and "epoch 2/2" in bars and "it/s" in bars
+
+
+def test_resized_crop_is_reproducible_and_keeps_shape_and_range():
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8)
+    policy = Policy(resized_crop_scale=(0.35, 1.0))
+    out = augment(images, policy, epoch_generator(seed=0, epoch=1))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(out, augment(images, policy, epoch_generator(seed=0, epoch=1)))
+    assert not torch.equal(out, augment(images, policy, epoch_generator(seed=0, epoch=2)))
+    assert not torch.equal(out, images)
+    # each image is a magnified part of itself: a crop of a smooth gradient stays within its range
+    ramp = torch.arange(16, dtype=torch.uint8).mul(16).expand(40, 3, 16, 16).contiguous()
+    cropped = augment(ramp, policy, torch.Generator().manual_seed(0))
+    assert (cropped[..., 1:] >= cropped[..., :-1]).all()  # still increasing left to right
+
+
+def test_resized_crop_params_reach_the_policy():
+    """train (online) and augment (offline copies) both build their policy with from_params."""
+    augment_params = P.parse(
+        {"augment": {"resized_crop_scale": [0.35, 1], "resized_crop_ratio": [0.5, 2]}}
+    ).augment
+    policy = Policy.from_params(augment_params)
+    assert policy.resized_crop_scale == (0.35, 1.0) and policy.resized_crop_ratio == (0.5, 2.0)
+    assert policy.active and not Policy.from_params(P.parse({}).augment).active
+
+
+def test_resized_crop_of_the_whole_image_is_the_identity():
+    images = torch.randint(0, 256, (20, 3, 12, 10), dtype=torch.uint8)
+    policy = Policy(resized_crop_scale=(1.0, 1.0), resized_crop_ratio=(1.0, 1.0))
+    out = augment(images, policy, torch.Generator().manual_seed(0))  # square ratio, 12×10 image:
+    assert not torch.equal(out, images)  # no try fits, the centre 10×10 crop is upsampled
+    square = images[..., :10, :]
+    out = augment(square, policy, torch.Generator().manual_seed(0))
+    assert torch.equal(out, square)
+
+
+@pytest.mark.parametrize("scale, ratio", [((0.35, 1.0), (0.75, 1.333)), ((0.08, 0.2), (0.5, 2.0))])
+def test_resized_crop_boxes_follow_the_scale_and_ratio_limits(scale, ratio):
+    boxes = crop_boxes(2000, 32, 32, scale, ratio, torch.Generator().manual_seed(0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 32).all() and (boxes[:, 3] <= 32).all()
+    # the drawn area and ratio are rounded to whole pixels: allow half a pixel on each side
+    area = w * h / 32**2
+    assert (area >= scale[0] * 0.8).all() and (area <= scale[1] + 0.05).all()
+    assert (area.max() - area.min()) > 0.5 * (scale[1] - scale[0])  # the whole range is used
+    aspect = w / h
+    assert (aspect >= ratio[0] * 0.85).all() and (aspect <= ratio[1] * 1.18).all()
+    assert len(set(boxes[:, 0].tolist())) > 5  # positions vary too
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"resized_crop_scale": [0.8, 0.3]}, "resized_crop_scale = \\[0.8, 0.3\\]: .*0 < lo <= hi"),
+        ({"resized_crop_scale": [0.0, 1.0]}, "resized_crop_scale = \\[0.0, 1.0\\]"),
+        ({"resized_crop_scale": [0.5, 1.5]}, "resized_crop_scale = \\[0.5, 1.5\\]"),
+        ({"resized_crop_scale": [0.5]}, "resized_crop_scale = \\[0.5\\]"),
+        (
+            {"resized_crop_scale": [0.5, 1], "resized_crop_ratio": [0, 1]},
+            "resized_crop_ratio = \\[0, 1\\]",
+        ),
+        ({"resized_crop_ratio": [0.5, 2.0]}, "resized crop, which is off"),
+    ],
+)
+def test_resized_crop_refuses_values_that_mean_nothing(change, message):
+    with pytest.raises(ParamsError, match=message) as caught:
+        P.parse({"augment": change})
+    assert "\n" not in str(caught.value)

@@ -104,7 +104,8 @@ def param_changes(line: str) -> dict:
         if flag in ("-S", "--set") and "=" in value:
             key, _, raw = value.partition("=")
             raw = re.sub(r"<[^>]*>", "x", raw)  # a placeholder: runs:/<run id>/model
-            if "," in raw and flag == "-S":  # DVC's grid syntax: one experiment per value
+            # DVC's grid syntax: one experiment per value; [a,b] is one value, a list
+            if "," in raw and flag == "-S" and not raw.startswith("["):
                 raw = raw.split(",")[0]
             changes[key.lstrip("+")] = yaml.safe_load(raw)
     return changes

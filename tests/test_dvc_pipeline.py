@@ -64,6 +64,7 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo):
         "metrics/eval.json",
         "reports/confusion.png",
         "reports/augment_preview.png",
+        "reports/wise.png",  # a note that WiSE-FT is off: DVC expects every out
         "dvc.lock",
     ):
         assert (repo / path).exists(), path

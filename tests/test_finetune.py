@@ -17,7 +17,7 @@ from PIL import Image
 
 from stages import augment, download, evaluate, io as sio, params as P, regularize, train
 from stages.errors import ParamsError, StageError
-from stages.networks import efficientnet_lite, freeze, small, weights as pretrained_weights
+from stages.networks import efficientnet_lite, freeze, predict, small, weights as pretrained_weights
 from stages.networks.build import Normalized, build_model
 
 SAMPLES = (
@@ -203,9 +203,33 @@ def test_discriminative_learning_rates():
     assert len(backbone["params"]) + len(head["params"]) == len(list(model.parameters()))
 
 
+def test_layer_wise_learning_rate_decay():
+    """net's blocks are conv1, conv2, fc1, fc2 and the head fc3: k = 4, 3, 2, 1, 0 from the head.
+    Parameters in no block (here conv1, left out of the blocks) take the deepest block's rate."""
+    model = small.Net(3)
+    decayed = P.Train(lr=0.1, layer_lr_decay=0.5)
+    optimizer = train.make_optimizer(decayed, model, model.fc3, model.blocks())
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for k, layer in enumerate([model.fc3, model.fc2, model.fc1, model.conv2, model.conv1]):
+        assert lr_of[id(layer.weight)] == lr_of[id(layer.bias)] == pytest.approx(0.1 * 0.5**k)
+    assert len(optimizer.param_groups) == 5
+    assert len(lr_of) == len(list(model.parameters()))
+    without_stem = train.make_optimizer(decayed, model, model.fc3, model.blocks()[1:])
+    lr_of = {id(p): g["lr"] for g in without_stem.param_groups for p in g["params"]}
+    assert lr_of[id(model.conv1.weight)] == lr_of[id(model.conv2.weight)] == pytest.approx(0.0125)
+    plain = train.make_optimizer(P.Train(lr=0.1), model, model.fc3, model.blocks())
+    assert [g["lr"] for g in plain.param_groups] == [0.1, 0.1]  # off: backbone and head
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
+        (
+            {"train": {"layer_lr_decay": 0.7, "backbone_lr_mult": 0.1}},
+            "train.layer_lr_decay = 0.7 and train.backbone_lr_mult = 0.1: both set",
+        ),
+        ({"train": {"layer_lr_decay": 0}}, "train.layer_lr_decay = 0: Input should be greater"),
+        ({"train": {"layer_lr_decay": 1.5}}, "train.layer_lr_decay = 1.5: Input should be less"),
         ({"train": {"l2_sp": 0.01}}, "train.l2_sp needs pretrained weights"),
         ({"model": {"name": "net", "pretrained": "imagenet"}}, "no ImageNet weights for net"),
         (
@@ -221,6 +245,13 @@ def test_discriminative_learning_rates():
         ({"model": {"freeze": "all_but_last_x"}}, "model.freeze = 'all_but_last_x'"),
         ({"model": {"name": "resnet50"}}, "model.name = 'resnet50'"),
         ({"model": {"name": "net", "freeze_bn": True}}, "net has no batch norm"),
+        ({"model": {"name": "net", "input_size": 64}}, "input_size = 64: net takes 32…32 pixels"),
+        (
+            {"model": {"name": "efficientnet_lite0", "input_size": 256}},
+            "input_size = 256: efficientnet_lite0 takes 32…224 pixels",
+        ),
+        ({"model": {"name": "resnet18", "input_size": 16}}, "resnet18 takes 32…224 pixels"),
+        ({"model": {"name": "cnn", "depth": 5, "input_size": 16}}, "cnn takes 32…512 pixels"),
     ],
 )
 def test_fine_tuning_params_that_mean_nothing_are_refused(change, message):
@@ -322,3 +353,155 @@ def test_l2_sp_and_gradual_unfreezing_in_the_stage(tiny_data):
     trainable = {m.step: m.value for m in client.get_metric_history(run_id, "trainable_parameters")}
     assert trainable == {1: 84 * 3 + 3, 2: sum(p.numel() for p in small.Net(3).parameters())}
     assert client.get_run(run_id).data.tags["pretrained.source"] == str(weights)
+
+
+def test_wise_ft_interpolates_the_backbone_and_picks_alpha_on_validation(tiny_data):
+    """A tiny net fine-tuned from a "pretrained" state dict file; evaluate measures WiSE-FT at
+    α = 0, 0.5 (and 1). α = 0 is the pretrained backbone under the fine-tuned head, α = 1 the
+    fine-tuned model; the reported α is the validation-best one."""
+    torch.manual_seed(5)
+    weights = tiny_data / "pretrained.pt"
+    torch.save(small.Net(10).state_dict(), weights)
+    write_params(
+        tiny_data,
+        **{
+            **TINY,
+            "data.source": "unused",
+            "model.pretrained": str(weights),
+            "train.lr": 0.05,
+            "evaluate.wise_alphas": [0, 0.5],
+        },
+    )
+    train.main()
+    evaluate.main()
+    metrics = json.loads(evaluate.METRICS.read_text())
+    curve = metrics["wise_curve"]
+    assert [row["alpha"] for row in curve.values()] == [0, 0.5, 1]
+
+    fine_tuned = sio.load_torch(train.MODEL)["state_dict"]
+    test_x, test_y = evaluate.load_split(evaluate.RAW, "test")
+    val_x, val_y = evaluate.load_split(evaluate.PREPARED, "val")
+
+    def accuracies(state: dict) -> tuple[float, float]:
+        net = small.Net(3)
+        net.load_state_dict(state)
+        return tuple(
+            predict.loss_and_accuracy(predict.predict(net, x), y)[1]
+            for x, y in [(val_x, val_y), (test_x, test_y)]
+        )
+
+    pretrained = torch.load(weights)
+    at_zero = {**fine_tuned, **{k: v for k, v in pretrained.items() if not k.startswith("fc3.")}}
+    assert accuracies(at_zero) == (
+        curve["alpha_000"]["val_accuracy"],
+        curve["alpha_000"]["test_accuracy"],
+    )
+    assert accuracies(fine_tuned) == (
+        curve["alpha_100"]["val_accuracy"],
+        curve["alpha_100"]["test_accuracy"],
+    )
+    assert curve["alpha_100"]["test_accuracy"] == metrics["test_accuracy"]  # left as trained
+    assert curve["alpha_000"] != curve["alpha_100"]  # the pretrained backbone predicts otherwise
+    best = max(curve.values(), key=lambda row: (row["val_accuracy"], row["alpha"]))
+    assert metrics["wise_alpha"] == best["alpha"]
+    assert metrics["wise_test_accuracy"] == best["test_accuracy"]
+    assert metrics["wise_fine_tuned_best"] == (best["alpha"] == 1)
+    assert (tiny_data / "reports/wise.png").stat().st_size > 1000
+
+    run_id = json.loads(train.RUN.read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{tiny_data / 'mlflow.db'}")
+    history = client.get_metric_history(run_id, "wise_curve_test_accuracy")
+    assert {m.step: m.value for m in history} == {
+        round(100 * row["alpha"]): pytest.approx(row["test_accuracy"]) for row in curve.values()
+    }
+    assert client.get_run(run_id).data.metrics["wise_alpha"] == best["alpha"]
+
+
+def test_wise_ft_picks_the_validation_best_alpha():
+    """The pretrained backbone is all zeros, so at α = 0 the logits are the head's bias: class 0
+    for every image; the fine-tuned head's weights make it class 1 wherever the backbone is on.
+    Labels of one class or the other decide which α wins; ties go to the larger α; the model
+    comes back as trained."""
+    torch.manual_seed(0)
+    net = small.Net(3)
+    with torch.no_grad():
+        net.fc3.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+        net.fc3.weight.zero_()[1] = 100.0
+    trained = {k: v.clone() for k, v in net.state_dict().items()}
+    pretrained = {k: torch.zeros_like(v) for k, v in trained.items()}
+    x = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8)
+    ones, zeros = torch.ones(30, dtype=torch.long), torch.zeros(30, dtype=torch.long)
+    out = evaluate.wise_ft(net, "net", pretrained, [0.0, 0.5], (x, ones), (x, zeros))
+    rows = out["wise_curve"]
+    assert [rows[k]["val_accuracy"] for k in rows] == [0.0, 1.0, 1.0]  # α = 0, 0.5, 1
+    assert [rows[k]["test_accuracy"] for k in rows] == [1.0, 0.0, 0.0]
+    assert out["wise_alpha"] == 1.0 and out["wise_fine_tuned_best"]  # the tie goes to α = 1
+    assert out["wise_test_accuracy"] == 0.0
+    assert all(torch.equal(net.state_dict()[k], trained[k]) for k in trained)
+    out = evaluate.wise_ft(net, "net", pretrained, [0.0, 0.5], (x, zeros), (x, ones))
+    assert out["wise_alpha"] == 0.0 and not out["wise_fine_tuned_best"]
+    assert out["wise_test_accuracy"] == 0.0 and out["wise_val_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"evaluate": {"wise_alphas": [0.5]}}, "model.pretrained is none"),
+        (
+            {"model": {"pretrained": "x.pt"}, "evaluate": {"wise_alphas": [0, 1.5]}},
+            r"evaluate.wise_alphas = \[0, 1.5\]: .*in \[0, 1\]",
+        ),
+    ],
+)
+def test_wise_ft_refusals(change, message):
+    with pytest.raises(ParamsError, match=message) as caught:
+        P.parse(change)
+    assert "\n" not in str(caught.value)
+
+
+def test_lp_ft_probes_the_head_then_fine_tunes_everything(tiny_data):
+    """LP-FT (Kumar et al., 2022) as model.freeze = backbone + train.unfreeze_at_epoch = 2: after
+    epoch 1 (the linear probe) the backbone is still the pretrained one and the head has moved;
+    after epoch 2 the backbone has moved too, and the head kept training from the probe's."""
+    torch.manual_seed(5)
+    weights = tiny_data / "pretrained.pt"
+    torch.save(small.Net(10).state_dict(), weights)
+    pretrained = torch.load(weights)
+    recipe = {
+        **TINY,
+        "data.source": "unused",
+        "model.pretrained": str(weights),
+        "model.freeze": "backbone",
+        "train.unfreeze_at_epoch": 2,
+        "train.lr": 0.05,
+    }
+    states = {}
+    for epochs in (1, 2):
+        write_params(tiny_data, **{**recipe, "train.epochs": epochs})
+        train.main()
+        states[epochs] = sio.load_torch(train.MODEL)["state_dict"]
+    backbone = [k for k in pretrained if not k.startswith("fc3.")]
+    assert all(torch.equal(states[1][k], pretrained[k]) for k in backbone)
+    assert not any(torch.equal(states[2][k], pretrained[k]) for k in backbone)
+    torch.manual_seed(0)  # the head as it was initialized
+    initial = build_model(P.load(), 3, 32).state_dict()["fc3.weight"]
+    assert not torch.equal(states[1]["fc3.weight"], initial)
+    assert not torch.equal(states[2]["fc3.weight"], states[1]["fc3.weight"])
+
+
+def test_wise_ft_refuses_a_model_trained_without_pretrained_weights(tiny_data):
+    """params.yaml may name weights the saved model never started from: evaluate reads what the
+    model was trained with, and stops in one line before measuring anything."""
+    train.main()
+    write_params(
+        tiny_data,
+        **{
+            **TINY,
+            "data.source": "unused",
+            "model.pretrained": "some.pt",
+            "evaluate.wise_alphas": [0.5],
+        },
+    )
+    with pytest.raises(StageError, match="trained without pretrained weights"):
+        evaluate.main()
+    assert not evaluate.METRICS.exists()
