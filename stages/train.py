@@ -162,9 +162,8 @@ class Model:
     coarse: torch.Tensor | None  # class -> group, for the coarse task
     forward: nn.Module | None = None  # what trains: the model, compiled or under DDP
     measured: nn.Module | None = None  # what measures the splits: never DDP, which would sync
-    cache: feature_cache.Cache | None = (
-        None  # the frozen prefix's outputs, with train.feature_cache
-    )
+    # the frozen prefix's outputs, with train.feature_cache (stages/networks/feature_cache.py)
+    cache: feature_cache.Cache | None = None
 
 
 def set_up_model(params: P.Params, data: Data) -> Model:
