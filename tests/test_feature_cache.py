@@ -223,3 +223,33 @@ def test_the_cache_survives_a_killed_run(tiny_data, capsys):
     out = capsys.readouterr().out
     assert "resuming after epoch" in out and "feature cache" not in out
     assert [f.stat().st_mtime_ns for f in files] == written
+
+
+def test_a_lite0_probe_on_the_cache_matches_recomputing(tmp_path, monkeypatch):
+    """The real case, in process: a linear probe of Lite0's ImageNet weights (at 64 pixels, to
+    be quick) with freeze_bn, two epochs of train.run_epoch on the cache and recomputing (whose
+    frozen MBConv blocks then run without stochastic depth): the same head."""
+    monkeypatch.chdir(tmp_path)
+    p = params(**LITE0, **{"model.pretrained": "imagenet", "model.freeze": "backbone"})
+    p = p.model_copy(update={"train": p.train.model_copy(update={"batch_size": 8, "lr": 0.05})})
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 3, (24,), generator=generator)
+    data = train.Data(images, labels, images[:8], labels[:8], ["a", "b", "c"], None)
+    heads = {}
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = train.set_up_model(p, data)
+        model.forward = model.measured = model.model
+        state = train.set_up_training(p, data, model)
+        if cached:
+            model.cache = feature_cache.set_up(p, data.train_x, data.val_x, model.model)
+        for epoch in (1, 2):
+            for q in model.frozen:
+                q.requires_grad_(False)
+            seen, trained = feature_cache.for_epoch(model.cache, data, model, still_frozen=True)
+            train.run_epoch(p, seen, trained, state, epoch)
+        heads[cached] = {k: v.clone() for k, v in model.net._fc.state_dict().items()}
+    assert len(list((tmp_path / feature_cache.CACHE).glob("*.pt"))) == 2  # train, val
+    for k in heads[False]:
+        torch.testing.assert_close(heads[True][k], heads[False][k], rtol=1e-4, atol=1e-5)
