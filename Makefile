@@ -69,6 +69,7 @@ mlflow-server: install
 	python -m stages.tracking.server $(SERVER_ARGS)
 
 # Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md}),
+# EfficientNet-Lite0 at 64-224 px and the cached linear probe (reports/benchmark_lite0.{json,md}),
 # then the cost around each `dvc exp run` and the queue's throughput with 1 and 2 workers
 # (benchmarks/overhead.py: reports/overhead.{json,md}; about 15 minutes), on the bundled CIFAR-10
 # unless BENCH_DATA (a data.source) and BENCH_SHA256 (its data.sha256) say otherwise.
@@ -76,6 +77,7 @@ BENCH_DATA   ?= datasets/cifar10-jpg.tar.gz
 BENCH_SHA256 ?= 097287809041e0a666355dfce11470ba1b3f2631fe910d8793c716253f10b297
 bench: install
 	python benchmarks/bench.py
+	python benchmarks/bench.py --lite0 --images 500
 	python benchmarks/threads.py
 	python benchmarks/compile.py
 	python benchmarks/overhead.py all --source "$(BENCH_DATA)" --sha256 "$(BENCH_SHA256)"

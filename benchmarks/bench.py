@@ -16,6 +16,13 @@ and, for `compute_limit_aug`, pre-made batches of already augmented images (no a
 Figures are images per second, medians over the repeats. Also timed: MLflow logging per epoch,
 each stage's start-up (importing its module) and a no-op `dvc repro`.
 
+    python benchmarks/bench.py --lite0 --images 500 [--threads 1]   (reports/benchmark_lite0.{json,md})
+
+times EfficientNet-Lite0 instead, at 64, 128 and 224 pixels (model.input_size), batch 32: training
+(train_one_epoch) and evaluation (predict.predict) against the same network's limit on pre-made
+batches at that size; then the linear probe at 224 pixels, one head-only epoch recomputing the
+frozen backbone against one on its cached outputs (train.feature_cache).
+
 Data: data/raw/ when a pipeline run left it, else the bundled datasets/cifar10-jpg.tar.gz, else a
 synthetic set of the same shape (random pixels, random labels).
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -45,7 +53,8 @@ sys.path.insert(0, str(REPO))
 
 from stages import params as P, train  # noqa: E402
 from stages.data import Policy, augment, epoch_generator, to_float  # noqa: E402
-from stages.networks import small  # noqa: E402
+from stages.networks import feature_cache, freeze, predict, small  # noqa: E402
+from stages.networks.build import build_model, network  # noqa: E402
 
 BUNDLED = REPO / P.BUNDLED  # the real CIFAR-10 that ships with the repository
 BATCH = 100
@@ -127,13 +136,18 @@ def time_source_loop(images, labels, aug: bool) -> float:
 
 def time_pipeline(images, labels, aug: bool, epoch: int) -> float:
     """train_one_epoch, as the train stage runs it, on the device the images are on."""
-    device = images.device
-    model, _ = fresh_model_and_optimizer(device)
-    params = P.Train(lr=0.001, momentum=0.9, batch_size=BATCH)
-    optimizer = train.make_optimizer(params, model)
-    scheduler = train.make_scheduler(params, optimizer, len(images) // BATCH)
-    loss_fn = train.make_loss(params, model, None)
+    model, _ = fresh_model_and_optimizer(images.device)
     policy = Policy(flip=True, crop_padding=4) if aug else Policy()
+    return time_epoch(model, images, labels, policy, epoch)
+
+
+def time_epoch(model, images, labels, policy=None, epoch=1, batch=BATCH) -> float:
+    """Seconds of one train_one_epoch of `model` (SGD, lr 0.001), as the train stage runs it."""
+    device = images.device
+    params = P.Train(lr=0.001, momentum=0.9, batch_size=batch)
+    optimizer = train.make_optimizer(params, model)
+    scheduler = train.make_scheduler(params, optimizer, math.ceil(len(images) / batch))
+    loss_fn = train.make_loss(params, model, None)
     synchronize(device)
     start = time.perf_counter()
     train.train_one_epoch(
@@ -143,8 +157,8 @@ def time_pipeline(images, labels, aug: bool, epoch: int) -> float:
         optimizer,
         scheduler,
         loss_fn,
-        BATCH,
-        policy,
+        batch,
+        policy or Policy(),
         None,
         epoch_generator(0, epoch),
     )
@@ -168,10 +182,14 @@ def premade_batches(images, labels, aug: bool):
     ]
 
 
-def time_compute(batches) -> float:
-    """Forward, backward and step over pre-made batches (bf16 autocast on a GPU, as in training)."""
+def time_compute(batches, model=None) -> float:
+    """Forward, backward and step over pre-made batches (bf16 autocast on a GPU, as in training);
+    of `net`, or of `model` (SGD, lr 0.001, momentum 0.9)."""
     device = batches[0][0].device
-    model, optimizer = fresh_model_and_optimizer(device)
+    if model is None:
+        model, optimizer = fresh_model_and_optimizer(device)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     synchronize(device)
     start = time.perf_counter()
     for x, y in batches:
@@ -182,6 +200,123 @@ def time_compute(batches) -> float:
         optimizer.step()
     synchronize(device)
     return time.perf_counter() - start
+
+
+LITE0_SIZES = (64, 128, 224)  # pixels the network sees (model.input_size)
+LITE0_BATCH = 32
+
+
+def lite0(size: int, frozen: str = "none"):
+    """EfficientNet-Lite0 for 10 classes at `size` pixels, as the train stage sets it up (random
+    weights: speed doesn't depend on them); with model.freeze = `frozen` (and freeze_bn)."""
+    params = P.parse(
+        {
+            "model": {
+                "name": "efficientnet_lite0",
+                "input_size": size,
+                "freeze": frozen,
+                "freeze_bn": frozen != "none",
+            }
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model(params, 10, image_size=32)
+    if frozen != "none":
+        for q in freeze.frozen_parameters(network(model), "efficientnet_lite0", frozen):
+            q.requires_grad_(False)
+        freeze.hold_frozen_in_eval(network(model), "efficientnet_lite0", frozen)
+    return model, params
+
+
+def resized_batches(images, labels, size: int, batch: int):
+    """Pre-made float batches already resized to size×size and normalized as Lite0 expects."""
+    model, _ = lite0(size)
+    prepare = feature_cache.Prepare(model)
+    with torch.no_grad():
+        return [
+            (prepare(to_float(images[i : i + batch])), labels[i : i + batch])
+            for i in range(0, len(images), batch)
+        ]
+
+
+def time_forward(net, batches) -> float:
+    """Forward only, in eval mode and without gradients, over pre-made batches."""
+    net.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in batches:
+            net(x)
+    return time.perf_counter() - start
+
+
+def time_lite0(images, labels, sizes=LITE0_SIZES) -> dict:
+    """Images/s of Lite0 at each size: training (train_one_epoch, everything trained) and
+    evaluation (predict.predict, as the per-epoch measurement runs it), each against the same
+    network's limit on pre-made batches at that size (forward + backward + step; forward only).
+    Then the linear probe at the largest size: one head-only epoch that recomputes the frozen
+    backbone, against one on its cached outputs (and the one-off cost of computing them)."""
+    n, rows = len(images), {}
+    for size in sizes:
+        batches = resized_batches(images, labels, size, LITE0_BATCH)
+        model, _ = lite0(size)
+        rows[f"train_{size}"] = n / time_epoch(model, images, labels, batch=LITE0_BATCH)
+        rows[f"train_limit_{size}"] = n / time_compute(batches, network(lite0(size)[0]))
+        start = time.perf_counter()
+        predict.predict(model, images, batch_size=LITE0_BATCH)
+        rows[f"eval_{size}"] = n / (time.perf_counter() - start)
+        rows[f"eval_limit_{size}"] = n / time_forward(network(model), batches)
+        print(", ".join(f"{k} {v:.1f}" for k, v in rows.items() if k.endswith(str(size))))
+    size = max(sizes)
+    model, params = lite0(size, "backbone")
+    recompute = time_epoch(model, images, labels, batch=LITE0_BATCH)
+    prefix, suffix = feature_cache.split(model, "efficientnet_lite0", "backbone")
+    start = time.perf_counter()
+    cached = predict.predict(prefix, images, batch_size=predict.batch_size_for(size))
+    rows["probe_cache_fill_seconds"] = time.perf_counter() - start
+    from_cache = time_epoch(suffix, cached, labels, batch=LITE0_BATCH)
+    rows[f"probe_recompute_{size}"] = n / recompute
+    rows[f"probe_cached_{size}"] = n / from_cache
+    rows["probe_speedup"] = recompute / from_cache
+    return rows
+
+
+def lite0_markdown(r: dict, sizes=LITE0_SIZES) -> str:
+    lines = [
+        "| pixels | training images/s | × its limit | evaluation images/s | × its limit |",
+        "|---|---|---|---|---|",
+    ]
+    for s in sizes:
+        lines.append(
+            f"| {s} | {r[f'train_{s}']:.1f} | {r[f'train_{s}'] / r[f'train_limit_{s}']:.2f} | "
+            f"{r[f'eval_{s}']:.1f} | {r[f'eval_{s}'] / r[f'eval_limit_{s}']:.2f} |"
+        )
+    s = max(sizes)
+    lines += [
+        "",
+        f"Linear probe at {s} px, one head-only epoch: {r[f'probe_recompute_{s}']:.1f} images/s "
+        f"recomputing the frozen backbone, {r[f'probe_cached_{s}']:,.0f} from the feature cache: "
+        f"{r['probe_speedup']:.0f}× (goal >= 20×); filling the cache once took "
+        f"{r['probe_cache_fill_seconds']:.1f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main_lite0(images, labels, source: str, out: Path) -> None:
+    """--lite0: the Lite0 rows only, into reports/benchmark_lite0.{json,md}."""
+    result = time_lite0(images, labels)
+    result["setup"] = {
+        "images": len(images),
+        "data": source,
+        "batch_size": LITE0_BATCH,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    table = lite0_markdown(result)
+    out.with_suffix(".md").write_text(table)
+    print(table)
 
 
 def time_mlflow_logging(repeats: int = 20) -> float:
@@ -257,13 +392,23 @@ def main() -> None:
         "--images", type=int, default=50_000, help="epoch size (fewer for a smoke test)"
     )
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "benchmark.json")
+    parser.add_argument(
+        "--lite0",
+        action="store_true",
+        help="only EfficientNet-Lite0 at 64/128/224 px and the cached linear probe "
+        "(reports/benchmark_lite0.{json,md}; use --images: 224 px trains ~3 images/s per thread)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="0 = every core this may use")
     args = parser.parse_args()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
 
     images, labels, source = load_data()
     images, labels = images[: args.images].contiguous(), labels[: args.images].contiguous()
     n = len(images)
     print(f"data: {n} images from {source}; {torch.get_num_threads()} threads", flush=True)
+    if args.lite0:
+        main_lite0(images, labels, source, args.out.with_name("benchmark_lite0.json"))
+        return
     batches = {
         False: premade_batches(images, labels, False),
         True: premade_batches(images, labels, True),

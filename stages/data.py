@@ -27,7 +27,10 @@ def load_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] → float [0, 1], the source's ToTensor scaling."""
+    """uint8 [0, 255] → float [0, 1], the source's ToTensor scaling. Float tensors are inputs
+    already (the feature cache's, stages/networks/feature_cache.py) and pass unchanged."""
+    if images.is_floating_point():
+        return images
     return images.float().div_(255)
 
 

@@ -25,7 +25,7 @@ import torch
 from stages import errors, io as sio, params as P
 from stages.data import load_split
 from stages.errors import StageError
-from stages.networks import architectures, predict, tasks, weights
+from stages.networks import architectures, feature_cache, predict, tasks, weights
 from stages.networks.build import build_model, network
 from stages.runtime import cpu_threads
 from stages.tracking import runs, store
@@ -106,7 +106,10 @@ def test(
 ):
     """metrics/eval.json's content, the confusion matrix and the predicted classes."""
     multitask = isinstance(model, tasks.MultiTask)
-    outputs = predict.predict(model, test_x, all_tasks=multitask)  # every head in one pass
+    # a frozen prefix's outputs come from the feature cache when it applies (train.feature_cache)
+    outputs = feature_cache.test_logits(model, trained_with, test_x)
+    if outputs is None:
+        outputs = predict.predict(model, test_x, all_tasks=multitask)  # every head in one pass
     logits = outputs["main"] if multitask else outputs
     test_loss, test_accuracy = predict.loss_and_accuracy(logits, test_y)
     aux = {}  # a multi-task model's test_<task>_loss and test_<task>_accuracy

@@ -173,6 +173,9 @@ class Train(Section):
     sam_rho: float = Field(0.0, ge=0)  # SAM: radius of the ascent step (L2 norm of the weights)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
     compile: bool = False  # torch.compile the model (slower for net on a CPU: docs/speed.md)
+    # with model.freeze: the frozen blocks' outputs computed once per image and reused every
+    # epoch, when nothing random reaches them (stages/networks/feature_cache.py); false recomputes
+    feature_cache: bool = True
     # PyTorch CPU threads; 0 = the cores this process may use, shared among running DVC queue workers
     threads: int = Field(0, ge=0)
     # processes of distributed data-parallel training (torchrun, one per GPU or a share of the

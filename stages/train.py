@@ -44,7 +44,7 @@ from tqdm import tqdm
 from stages import averaging, errors, io as sio, params as P, regularize, sam
 from stages.data import Policy, augment, epoch_generator, load_split, to_float
 from stages.errors import StageError
-from stages.networks import architectures, freeze, predict, tasks, weights
+from stages.networks import architectures, feature_cache, freeze, predict, tasks, weights
 from stages.networks.build import build_model, channel_mean_std, network
 from stages.runtime import cpu_threads, repo_root
 from stages.tracking import runs, store
@@ -78,6 +78,15 @@ def main() -> None:
     data, model = to_device(data, model, proc, params.train.compile)
     state = set_up_training(params, data, model)
     resume(state, model.model, checkpoint)
+    model.cache = feature_cache.set_up(
+        params,
+        data.train_x,
+        data.val_x,
+        model.model,
+        proc.world,
+        proc.device.type,
+        first_epoch=len(state.history) + 1,
+    )
     with (
         runs.start_run(params, data.source_sha256, resume_id=state.run_id)
         if proc.logs
@@ -155,6 +164,8 @@ class Model:
     coarse: torch.Tensor | None  # class -> group, for the coarse task
     forward: nn.Module | None = None  # what trains: the model, compiled or under DDP
     measured: nn.Module | None = None  # what measures the splits: never DDP, which would sync
+    # the frozen prefix's outputs, with train.feature_cache (stages/networks/feature_cache.py)
+    cache: feature_cache.Cache | None = None
 
 
 def set_up_model(params: P.Params, data: Data) -> Model:
@@ -176,6 +187,8 @@ def set_up_model(params: P.Params, data: Data) -> Model:
     head = net.get_submodule(architectures.head_name(name))
     if task_weights:  # the auxiliary heads are new too: they train at the head's rate
         head = nn.ModuleList([head, *model.heads.values()])
+    if params.model.freeze_bn and params.model.freeze != "none":
+        freeze.hold_frozen_in_eval(net, name, params.model.freeze)
     return Model(
         model,
         net,
@@ -327,16 +340,20 @@ def fit(
         still_frozen = not t.unfreeze_at_epoch or epoch < t.unfreeze_at_epoch
         for p in model.frozen:
             p.requires_grad_(not still_frozen)  # no gradient: the optimizer leaves it alone
+        # while the prefix is frozen, with the cache: its outputs, and the suffix that trains on them
+        seen, trained = feature_cache.for_epoch(model.cache, data, model, still_frozen)
         start = time.perf_counter()
-        batch_loss = run_epoch(params, data, model, state, epoch, shard)
+        batch_loss = run_epoch(params, seen, trained, state, epoch, shard)
         seconds = time.perf_counter() - start
         if t.swa_start_epoch and epoch >= t.swa_start_epoch:
             state.averaged.update_parameters(model.model)  # SWA: one more epoch's weights
-        measured = averaging.measured(state.averaged, model.measured)
+        measured = averaging.measured(
+            state.averaged, trained.measured
+        )  # no averaging with the cache
         row = {
             "epoch": epoch,
-            **measure(measured, data.train_x, data.train_y, "train", model.coarse, shard),
-            **measure(measured, data.val_x, data.val_y, "val", model.coarse, shard),
+            **measure(measured, seen.train_x, data.train_y, "train", model.coarse, shard),
+            **measure(measured, seen.val_x, data.val_y, "val", model.coarse, shard),
         }
         state.history.append(row)
         improved = state.stopper.update(epoch, row[state.stopper.monitor])

@@ -138,6 +138,13 @@ def write_params(folder: Path, **overrides) -> dict:
             Path(source) if Path(source).is_absolute() else folder / source
         )  # as the stage sees it
         overrides = {**overrides, "data.sha256": sha256_of(path) if path.is_file() else None}
+    params = repository_params(**overrides)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def repository_params(**overrides) -> dict:
+    """The repository's params.yaml as a dict, with dotted overrides."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for key, value in overrides.items():
         node = params
@@ -145,7 +152,6 @@ def write_params(folder: Path, **overrides) -> dict:
         for part in parents:
             node = node[part]
         node[leaf] = value
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
 
 

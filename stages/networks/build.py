@@ -29,9 +29,14 @@ class Normalized(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size and x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        return self.net((x - self.mean) / self.std)
+        return self.net(prepare(x, self.mean, self.std, self.size))
+
+
+def prepare(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int | None):
+    """What Normalized does before its network: resize to `size` (when given), normalize."""
+    if size and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return (x - mean) / std
 
 
 def build_model(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module:

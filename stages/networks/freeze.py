@@ -8,6 +8,8 @@ all_but_last_<N> trains the last N blocks and the head. The blocks are each netw
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch.nn as nn
 
 from stages.errors import StageError
@@ -19,13 +21,16 @@ def frozen_parameters(net: nn.Module, name: str, freeze: str) -> list[nn.Paramet
     probe); or all blocks but the last N."""
     if freeze == "none":
         return []
+    return [p for block in frozen_blocks(net, name, freeze) for m in block for p in m.parameters()]
+
+
+def frozen_blocks(net: nn.Module, name: str, freeze: str) -> list[list[nn.Module]]:
+    """The blocks that model.freeze (not none) holds fixed, in forward order."""
     parts = architectures.blocks(net, name)
     keep = 0 if freeze == "backbone" else int(freeze.rsplit("_", 1)[1])
     if keep > len(parts):
         raise StageError(f"model.freeze = {freeze}: {name} has only {len(parts)} blocks")
-    return [
-        p for block in parts[: len(parts) - keep] for module in block for p in module.parameters()
-    ]
+    return parts[: len(parts) - keep]
 
 
 def freeze_batch_norm(net: nn.Module) -> nn.Module:
@@ -43,3 +48,20 @@ def freeze_batch_norm(net: nn.Module) -> nn.Module:
         else:
             freeze_batch_norm(child)
     return net
+
+
+def hold_frozen_in_eval(net: nn.Module, name: str, freeze: str) -> None:
+    """With model.freeze_bn, a frozen block runs as in evaluation while it is frozen: no dropout
+    or stochastic depth inside it, so its output is a pure function of its input, which the
+    feature cache (stages/networks/feature_cache.py) needs. A forward pre-hook on each of its
+    modules does it after the training loop's model.train(); once train.unfreeze_at_epoch gives
+    the block gradients again, model.train() rules as for any block."""
+    for block in frozen_blocks(net, name, freeze):
+        params = [p for module in block for p in module.parameters()]
+        for module in block:
+            module.register_forward_pre_hook(partial(_eval_while_frozen, params))
+
+
+def _eval_while_frozen(params: list[nn.Parameter], module: nn.Module, args) -> None:
+    if not any(p.requires_grad for p in params):
+        module.eval()

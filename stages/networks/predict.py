@@ -30,7 +30,7 @@ def predict(
     if batch_size is None:
         shown = tasks.unwrap(inner)
         size = shown.size if isinstance(shown, Normalized) and shown.size else images.shape[-1]
-        batch_size = max(50, min(1000, 1000 * 32 * 32 // (size * size)))
+        batch_size = batch_size_for(size)
     device = next(inner.parameters()).device
     was_training = model.training
     model.eval()
@@ -42,6 +42,11 @@ def predict(
     model.train(was_training)
     logits = {k: torch.cat([o[k] for o in outputs]).float() for k in outputs[0]}
     return logits if all_tasks else logits["main"]
+
+
+def batch_size_for(size: int) -> int:
+    """Images per inference batch at size×size pixels: 1,000 at 32, fewer when larger."""
+    return max(50, min(1000, 1000 * 32 * 32 // (size * size)))
 
 
 def measure(
