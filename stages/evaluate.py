@@ -160,7 +160,7 @@ def wise_ft(
     curve = {}
     for alpha in sorted({*alphas, 1.0}):
         mixed = {  # lerp is exact at its ends: α = 0 gives the pretrained weights bit for bit
-            k: torch.lerp(pretrained[k].to(v.dtype), v, alpha) if v.is_floating_point() else v
+            k: torch.lerp(pretrained[k].to(v), v, alpha) if v.is_floating_point() else v
             for k, v in fine_tuned.items()
             if not k.startswith(head)
         }

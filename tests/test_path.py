@@ -273,7 +273,9 @@ def test_a_grid_with_a_typo_is_refused_in_one_line(tmp_path):
 
 
 def test_names_label_strengths_as_the_sweep_names_them():
-    assert [path.label(v) for v in (1e-5, 0.5, 20, None, True, False)] == [
+    from stages.experiments import sweep
+
+    assert [sweep.label(v) for v in (1e-5, 0.5, 20, None, True, False)] == [
         "1e-05",
         "0.5",
         "20",
@@ -288,8 +290,8 @@ def test_the_committed_sweep_grid_loads():
     assert sweep.baseline and sweep.seeds == (0, 1, 2)
     early = next(t for t in sweep.techniques if t.name == "early-stopping")
     assert early.points[0] == (
-        "3",
-        {"train.early_stopping.patience": 3, "train.early_stopping.enabled": True},
+        "5",
+        {"train.early_stopping.patience": 5, "train.early_stopping.enabled": True},
     )
 
 

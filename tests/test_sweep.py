@@ -31,13 +31,13 @@ def test_the_committed_grid_makes_the_first_pass_names_and_valid_params():
     todo = sweep.points(s, list(s.techniques), [0, 1])
     names = [name for name, _ in todo]
     # the names the first pass ran under (f"{value:g}")
-    assert names[:3] == ["sweep-baseline-s0", "sweep-l1-1e-06-s0", "sweep-l1-1e-05-s0"]
+    assert names[:3] == ["sweep-baseline-s0", "sweep-l1-1e-05-s0", "sweep-l1-0.0001-s0"]
     assert "sweep-l2-0.0001-s0" in names and "sweep-dropout-0.5-s1" in names
     assert names.index("sweep-baseline-s1") == len(names) // 2  # seed by seed
     assert len(set(names)) == len(names)
-    changes = dict(todo)["sweep-early-stopping-10-s1"]
+    changes = dict(todo)["sweep-early-stopping-20-s1"]
     assert changes["train.early_stopping.enabled"] is True and changes["seed"] == 1
-    assert changes["train.early_stopping.patience"] == 10 and changes["train.epochs"] == 30
+    assert changes["train.early_stopping.patience"] == 20 and changes["train.epochs"] == 60
     sweep.check(todo, P.read_yaml())  # every point is valid params
 
 

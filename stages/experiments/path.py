@@ -47,8 +47,6 @@ from stages.errors import ParamsError
 from stages.tracking import store
 
 GRIDS_DIR = Path(__file__).parent / "grids"
-GRID_KEYS = {"regime", "seeds", "techniques", "baseline"}
-TECHNIQUE_KEYS = {"param", "values", "points", "scale", "with"}
 METRICS = {  # the columns, and the MLflow metric each reads (fractions; shown in percent)
     "train": "final_train_accuracy",
     "validation": "final_val_accuracy",
@@ -78,55 +76,17 @@ class Sweep:
     techniques: tuple[Technique, ...]
 
 
-def label(value) -> str:
-    """A strength as the experiment's name writes it: 1e-05, 0.5, none, true."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):  # before numbers: True is an int too
-        return str(value).lower()
-    if isinstance(value, (int, float)):
-        return f"{value:g}"
-    return str(value)
-
-
 def load_sweep(grid: str | Path) -> Sweep:
-    """grids/<grid>.yaml (or a path to a YAML file), its shape checked: a typo stops here."""
-    path = Path(grid) if str(grid).endswith((".yaml", ".yml")) else GRIDS_DIR / f"{grid}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in GRIDS_DIR.glob("*.yaml")))
-        raise ParamsError(f"no grid {str(grid)!r} (known: {known})")
-    data = P.read_yaml(path)  # one-line errors for bad YAML, a key given twice, not a mapping
-    unknown = sorted(set(data) - GRID_KEYS)
-    if unknown or not isinstance(data.get("techniques"), dict) or not data["techniques"]:
-        raise ParamsError(
-            f"{path}: a sweep grid has {', '.join(sorted(GRID_KEYS))} and at least one technique"
-            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
-        )
-    techniques = []
-    for name, spec in data["techniques"].items():
-        where = f"{path}: technique {name!r}"
-        if not isinstance(spec, dict) or set(spec) - TECHNIQUE_KEYS or "param" not in spec:
-            raise ParamsError(f"{where}: expected {{param, values or points, scale, with}}")
-        if ("values" in spec) == ("points" in spec):
-            raise ParamsError(f"{where}: give either values or points, not both or neither")
-        if spec.get("scale", "linear") not in ("log", "linear"):
-            raise ParamsError(f"{where}: scale is log or linear, not {spec['scale']!r}")
-        with_ = spec.get("with") or {}
-        if "values" in spec:
-            changes = [{spec["param"]: v, **with_} for v in spec["values"]]
-        else:
-            changes = [{**with_, **point} for point in spec["points"]]
-        if any(spec["param"] not in c for c in changes):
-            raise ParamsError(f"{where}: every point must set {spec['param']}")
-        points = tuple((label(c[spec["param"]]), c) for c in changes)
-        techniques.append(Technique(name, spec["param"], spec.get("scale", "linear"), points))
-    return Sweep(
-        path.stem,
-        data.get("regime") or {},
-        tuple(data.get("seeds") or (0, 1, 2)),
-        bool(data.get("baseline", True)),
-        tuple(techniques),
+    """grids/<grid>.yaml (or a path to a YAML file) as the sweep command reads it
+    (stages/experiments/sweep.py: its shape checked, a typo stops there)."""
+    from stages.experiments import sweep as grids
+
+    g = grids.load(grid)
+    techniques = tuple(
+        Technique(name, param, g.scales[name], tuple((grids.label(c[param]), c) for c in changes))
+        for name, (param, changes) in g.techniques.items()
     )
+    return Sweep(g.name, g.regime, tuple(g.seeds), bool(g.baseline), techniques)
 
 
 def exp_name(prefix: str, technique: str, point_label: str, seed: int) -> str:
@@ -518,6 +478,28 @@ def parent_run(client, experiment_id: str, prefix: str, grid: str) -> str:
     return run.info.run_id
 
 
+def write_report(sweep: Sweep, by_name: dict, prefix: str, out_dir: Path):
+    """The figures, the table and chosen.json of the runs `by_name` ({experiment name: a run with
+    .data.params, .data.metrics and .data.tags as MLflow gives them}); returns the files written
+    (the table and chosen.json last), the baseline's Point and the Points of each technique."""
+    baseline, paths = collect(sweep, by_name, prefix)
+    if not any(paths.values()):
+        raise ParamsError(f"no finished run of grid {sweep.name!r} named {prefix}-...")
+    chosen = {t.name: choose(paths[t.name], baseline) for t in sweep.techniques if paths[t.name]}
+    out_dir = Path(out_dir)
+    files = []
+    for t in sweep.techniques:
+        if paths[t.name]:
+            files.append(out_dir / f"{prefix}-path-{t.name}.png")
+            first = sweep.techniques[0]
+            reference = None if sweep.baseline or t is first else (first.name, paths[first.name])
+            figure(t, paths[t.name], baseline, chosen[t.name], files[-1], reference)
+    report = out_dir / f"{prefix}-path.md"
+    sio.write_text(report, table(sweep, prefix, baseline, paths, chosen))
+    sio.write_json(out_dir / f"{prefix}-chosen.json", chosen_json(sweep, baseline, chosen))
+    return [*files, report, out_dir / f"{prefix}-chosen.json"], baseline, paths
+
+
 def build(
     grid_name: str | Path = "sweep",
     prefix: str = "sweep",
@@ -539,26 +521,13 @@ def build(
     if found is None:
         raise ParamsError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
     by_name = finished_runs(client, found.experiment_id, prefix)
-    baseline, paths = collect(sweep, by_name, prefix)
-    if not any(paths.values()):
+    if not by_name:
         raise ParamsError(
             f"no finished run of grid {sweep.name!r} named {prefix}-<technique>-<value>-s<seed> "
             f"in experiment {experiment!r} of {tracking_uri}"
         )
-    chosen = {t.name: choose(paths[t.name], baseline) for t in sweep.techniques if paths[t.name]}
-
-    out_dir = Path(out_dir)
-    files = []
-    for t in sweep.techniques:
-        if paths[t.name]:
-            files.append(out_dir / f"{prefix}-path-{t.name}.png")
-            first = sweep.techniques[0]
-            reference = None if sweep.baseline or t is first else (first.name, paths[first.name])
-            figure(t, paths[t.name], baseline, chosen[t.name], files[-1], reference)
-    report = out_dir / f"{prefix}-path.md"
-    sio.write_text(report, table(sweep, prefix, baseline, paths, chosen))
-    sio.write_json(out_dir / f"{prefix}-chosen.json", chosen_json(sweep, baseline, chosen))
-    files += [report, out_dir / f"{prefix}-chosen.json"]
+    files, baseline, paths = write_report(sweep, by_name, prefix, out_dir)
+    report = files[-2]
 
     parent = parent_run(client, found.experiment_id, prefix, sweep.name)
     for path in files:

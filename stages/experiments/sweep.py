@@ -34,7 +34,7 @@ from stages.errors import ParamsError
 from stages.experiments import dvcqueue, study
 
 GRIDS_DIR = Path(__file__).parent / "grids"
-GRID_KEYS = {"regime", "seeds", "baseline", "techniques"}
+GRID_KEYS = {"regime", "seeds", "baseline", "shared", "techniques"}  # shared: YAML anchors
 TECHNIQUE_KEYS = {"param", "values", "points", "scale", "with"}
 
 
@@ -48,6 +48,7 @@ class Sweep:
     seeds: tuple[int, ...]
     baseline: bool
     techniques: dict[str, tuple[str, list[dict]]]  # technique: (param, [changes of each point])
+    scales: dict[str, str]  # technique: "log" or "linear", the x axis of its path's figure
 
 
 def label(value) -> str:
@@ -61,9 +62,10 @@ def label(value) -> str:
     return str(value)
 
 
-def load(name: str) -> Sweep:
-    """grids/<name>.yaml, its shape checked (one line naming the file and what is wrong)."""
-    path = GRIDS_DIR / f"{name}.yaml"
+def load(name: str | Path) -> Sweep:
+    """grids/<name>.yaml (or a path to a YAML file), its shape checked (one line naming the file
+    and what is wrong)."""
+    path = Path(name) if str(name).endswith((".yaml", ".yml")) else GRIDS_DIR / f"{name}.yaml"
     data = study.read_grid(path, sorted(p.stem for p in GRIDS_DIR.glob("*.yaml")))
     unknown = sorted(set(data) - GRID_KEYS)
     techniques = data.get("techniques")
@@ -79,6 +81,8 @@ def load(name: str) -> Sweep:
             raise ParamsError(f"{where}: expected {{param, values | points, scale, with}}")
         if ("values" in spec) == ("points" in spec):
             raise ParamsError(f"{where}: give either values or points, not both or neither")
+        if spec.get("scale", "linear") not in ("log", "linear"):
+            raise ParamsError(f"{where}: scale is log or linear, not {spec['scale']!r}")
         param, common = spec["param"], spec.get("with") or {}
         if "values" in spec:
             points = [{**common, param: v} for v in spec["values"] or []]
@@ -90,7 +94,10 @@ def load(name: str) -> Sweep:
             raise ParamsError(f"{where}: no values (an empty list)")
         parsed[technique] = (param, points)
     seeds = tuple(data.get("seeds") or (0, 1, 2))
-    return Sweep(name, data.get("regime") or {}, seeds, data.get("baseline", True), parsed)
+    scales = {t: spec.get("scale", "linear") for t, spec in techniques.items()}
+    return Sweep(
+        path.stem, data.get("regime") or {}, seeds, data.get("baseline", True), parsed, scales
+    )
 
 
 def points(

@@ -40,7 +40,8 @@ def predict(
             x = to_float(images[i : i + batch_size].to(device))
             outputs.append(model(x, tasks=True) if all_tasks else {"main": model(x)})
     model.train(was_training)
-    logits = {k: torch.cat([o[k] for o in outputs]).float() for k in outputs[0]}
+    # the logits go where the images were: a model on a GPU can measure CPU-held images
+    logits = {k: torch.cat([o[k] for o in outputs]).float().to(images.device) for k in outputs[0]}
     return logits if all_tasks else logits["main"]
 
 

@@ -1,0 +1,160 @@
+"""A sweep grid's points through the stages' own main() functions, several at a time, without DVC
+or MLflow: for a GPU machine that has neither.
+
+    python benchmarks/gpu_sweep.py --grid finetune-hires --prefix ft [--seeds 0,1]
+                                   [--techniques a,b] [--set key=value ...] [--workers 4]
+                                   [--out reports]
+
+Every point of stages/experiments/grids/<grid>.yaml (the same names and params as
+`python -m stages.experiments.sweep run` would queue) runs in a folder of its own under
+data/gpu-sweep/<prefix>/<name>/, as `dvc repro` would run it: params.yaml written there, then
+augment.main(), train.main() and evaluate.main() — the stages' own code, with the MLflow calls
+replaced by nothing (the runs are not tracked) and the evaluate stage's model moved to the GPU.
+The download stage runs once, in the repository (the bundled CIFAR-10 by default).
+
+`--workers` points run at once, each its own process on the same GPU (a tiny network leaves
+most of an H200 idle; several processes fill it). Writes <out>/<prefix>-runs.json (every point's
+params, train and evaluate metrics and seconds, as each finishes) and the path report of
+stages/experiments/path.py from those runs: <out>/<prefix>-path.md, -chosen.json and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages import io as sio, params as P  # noqa: E402
+from stages.experiments import path as report, sweep  # noqa: E402
+
+WORK = REPO / "data" / "gpu-sweep"
+
+
+class NoTracking:
+    """Stands in for stages.tracking.runs: every logging call does nothing."""
+
+    @contextlib.contextmanager
+    def start_run(self, *args, **kwargs):
+        yield SimpleNamespace(info=SimpleNamespace(run_id="untracked", experiment_id="0"))
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def run_point(job: tuple[str, dict, str]) -> dict:
+    """One point in its own folder: augment, train, evaluate; their metrics."""
+    name, changes, prefix = job
+    folder = WORK / prefix / name
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    raw = folder / "data" / "raw"
+    if not raw.exists():
+        raw.symlink_to(REPO / "data" / "raw")
+    params = P.with_changes(P.read_yaml(REPO / "params.yaml"), changes)
+    P.parse(params)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    os.chdir(folder)
+    log = open(folder / "log.txt", "w")
+    sys.stdout = sys.stderr = log
+
+    import torch
+
+    from stages import augment, evaluate, train
+    from stages.tracking import store
+
+    train.runs = evaluate.runs = NoTracking()
+    store.check_reachable = lambda uri: None
+    evaluate.log_to_run = lambda *args, **kwargs: None
+    load_model = evaluate.load_model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    evaluate.load_model = lambda *a, **k: (lambda m, *rest: (m.to(device), *rest))(
+        *load_model(*a, **k)
+    )
+    seconds = {}
+    for stage in (augment, train, evaluate):
+        start = time.perf_counter()
+        stage.main()
+        seconds[stage.__name__.split(".")[-1]] = time.perf_counter() - start
+    log.close()
+    return {
+        "name": name,
+        "changes": changes,
+        "params": {k: str(v) for k, v in P.flatten(P.parse(params)).items()},
+        "train": sio.read_json(folder / "metrics" / "train.json"),
+        "evaluate": sio.read_json(folder / "metrics" / "eval.json"),
+        "seconds": seconds,
+    }
+
+
+def as_mlflow_run(record: dict) -> SimpleNamespace:
+    """A record in the shape path.py reads MLflow runs in."""
+    metrics = {f"final_{k}": v for k, v in record["train"].items() if isinstance(v, (int, float))}
+    metrics.update({k: v for k, v in record["evaluate"].items() if isinstance(v, (int, float))})
+    tags = {"dvc.exp_name": record["name"]}
+    return SimpleNamespace(
+        data=SimpleNamespace(params=record["params"], metrics=metrics, tags=tags)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", required=True)
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--seeds", help="comma-separated (default: the grid's)")
+    parser.add_argument("--techniques", help="comma-separated (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=REPO / "reports")
+    parser.add_argument(
+        "--report-only", action="store_true", help="only the report, from <out>/<prefix>-runs.json"
+    )
+    args = parser.parse_args()
+
+    grid = sweep.load(args.grid)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(grid.seeds)
+    techniques = sweep.select(grid, args.techniques)
+    extra = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    todo = sweep.points(grid, techniques, seeds, args.prefix, extra)
+    sweep.check(todo, P.read_yaml(REPO / "params.yaml"))
+
+    os.chdir(REPO)
+    if not args.report_only and not (REPO / "data" / "raw" / "meta.json").exists():
+        from stages import download
+
+        download.main()
+    out = args.out / f"{args.prefix}-runs.json"
+    records = json.loads(out.read_text()) if out.exists() else []
+    done = {r["name"] for r in records}
+    jobs = [(name, changes, args.prefix) for name, changes in todo if name not in done]
+    if args.report_only:
+        jobs = []
+    print(f"{len(jobs)} points to run, {args.workers} at a time", flush=True)
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.workers, maxtasksperchild=1) as pool:
+        for record in pool.imap_unordered(run_point, jobs):
+            records.append(record)
+            sio.write_json(out, records)
+            print(
+                f"{record['name']}: test {100 * record['evaluate']['test_accuracy']:.1f}%, "
+                f"{sum(record['seconds'].values()):.0f} s "
+                f"({time.perf_counter() - start:.0f} s in)",
+                flush=True,
+            )
+    by_name = {r["name"]: as_mlflow_run(r) for r in records}
+    files, _, _ = report.write_report(report.load_sweep(args.grid), by_name, args.prefix, args.out)
+    print("wrote", ", ".join(str(f) for f in files))
+
+
+if __name__ == "__main__":
+    main()
