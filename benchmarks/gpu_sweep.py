@@ -53,8 +53,16 @@ class NoTracking:
 
 
 def run_point(job: tuple[str, dict, str]) -> dict:
-    """One point in its own folder: augment, train, evaluate; their metrics."""
-    name, changes, prefix = job
+    """One point in its own folder: augment, train, evaluate; their metrics, or the error that
+    stopped it (the other points go on)."""
+    try:
+        return run_stages(*job)
+    except BaseException as exc:  # a stage's SystemExit too
+        return {"name": job[0], "changes": job[1], "error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_stages(name: str, changes: dict, prefix: str) -> dict:
+    """augment, train and evaluate in the point's own folder."""
     folder = WORK / prefix / name
     (folder / "data").mkdir(parents=True, exist_ok=True)
     raw = folder / "data" / "raw"
@@ -143,6 +151,9 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.workers, maxtasksperchild=1) as pool:
         for record in pool.imap_unordered(run_point, jobs):
+            if "error" in record:
+                print(f"{record['name']}: FAILED: {record['error']}", flush=True)
+                continue
             records.append(record)
             sio.write_json(out, records)
             print(

@@ -301,8 +301,14 @@ def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen
         f"Percent throughout: mean ± std over seeds. Δtest and Δgap: paired differences with "
         f"{against}, seed by seed (same seed = same split, subset and initialization), mean "
         "[95% t-interval over seeds]; verdict from Δtest: helps / hurts when its interval "
-        "excludes 0, else within noise. ✓ = chosen: the highest mean validation accuracy "
-        "(the test set takes no part in the choice). Gap = train − test.",
+        "excludes 0, else within noise. "
+        + (
+            "✓ = chosen: the highest mean validation accuracy (the test set takes no part in "
+            "the choice). "
+            if sweep.baseline
+            else ""
+        )
+        + "Gap = train − test.",
     ]
     header = ["seeds", "train", "validation", "test", "gap", "Δtest", "Δgap", "verdict"]
     for t in sweep.techniques:
@@ -336,6 +342,8 @@ def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen
             lines.append("| " + " | ".join(cells) + " |")
         best = chosen[t.name]
         lines.append("")
+        if best is None:
+            continue
         if best is baseline:
             lines.append(
                 "Chosen on validation: none of these strengths beats no regularization on "
@@ -448,7 +456,7 @@ def figure(
     ax.set(xlabel=xlabel, ylabel="percent", title=f"{t.name}: accuracy and gap against {xlabel}")
     ax.grid(alpha=0.3)
     title = "mean ± std over seeds" + ("; dashed: baseline" if baseline else "")
-    if best is baseline:
+    if best is not None and best is baseline:
         title += "\nchosen on validation: the baseline\n(no strength here beats it)"
     ax.legend(
         fontsize=8, title=title, title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5)
@@ -485,7 +493,12 @@ def write_report(sweep: Sweep, by_name: dict, prefix: str, out_dir: Path):
     baseline, paths = collect(sweep, by_name, prefix)
     if not any(paths.values()):
         raise ParamsError(f"no finished run of grid {sweep.name!r} named {prefix}-...")
-    chosen = {t.name: choose(paths[t.name], baseline) for t in sweep.techniques if paths[t.name]}
+    # A learning curve's x is the data, not a strength to choose: nothing is chosen there.
+    chosen = {
+        t.name: choose(paths[t.name], baseline) if sweep.baseline else None
+        for t in sweep.techniques
+        if paths[t.name]
+    }
     out_dir = Path(out_dir)
     files = []
     for t in sweep.techniques:
