@@ -15,13 +15,13 @@ from test_tracking_server import Server
 
 from stages import params as P
 from stages.errors import ParamsError
-from stages.experiments import dvcqueue, sweep
+from stages.experiments import dvcqueue, sweep, sweepgrid
 
 BIN = Path(sys.executable).parent  # the venv's: dvc, and the `python` that DVC's stages call
 
 
 def grid(tmp_path, monkeypatch, text: str) -> sweep.Sweep:
-    monkeypatch.setattr(sweep, "GRIDS_DIR", tmp_path)
+    monkeypatch.setattr(sweepgrid, "GRIDS_DIR", tmp_path)
     (tmp_path / "g.yaml").write_text(text)
     return sweep.load("g")
 

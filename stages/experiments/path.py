@@ -44,6 +44,7 @@ from scipy import stats
 
 from stages import io as sio, params as P
 from stages.errors import ParamsError
+from stages.experiments import sweepgrid
 from stages.tracking import store
 
 GRIDS_DIR = Path(__file__).parent / "grids"
@@ -79,11 +80,11 @@ class Sweep:
 def load_sweep(grid: str | Path) -> Sweep:
     """grids/<grid>.yaml (or a path to a YAML file) as the sweep command reads it
     (stages/experiments/sweep.py: its shape checked, a typo stops there)."""
-    from stages.experiments import sweep as grids
-
-    g = grids.load(grid)
+    g = sweepgrid.load(grid)
     techniques = tuple(
-        Technique(name, param, g.scales[name], tuple((grids.label(c[param]), c) for c in changes))
+        Technique(
+            name, param, g.scales[name], tuple((sweepgrid.label(c[param]), c) for c in changes)
+        )
         for name, (param, changes) in g.techniques.items()
     )
     return Sweep(g.name, g.regime, tuple(g.seeds), bool(g.baseline), techniques)
