@@ -263,7 +263,8 @@ def test_two_shards_on_two_machines_reach_one_server_and_one_git_remote(team):
 
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("overfitting")
-    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+    finished = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+    runs = [r for r in finished if "dvc.exp_name" in r.data.tags]  # the parent run has none
     assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == names
     assert all("test_accuracy" in r.data.metrics for r in runs)
     refs = ok(root, "git", "ls-remote", str(root / "remote.git"), "refs/exps/*")
@@ -274,7 +275,17 @@ def test_two_shards_on_two_machines_reach_one_server_and_one_git_remote(team):
     except ModuleNotFoundError:
         assert "report module stages/experiments/path.py is absent" in outs[0][0]
     else:
-        assert (root / "a/reports/sweep-path.md").exists()
+        # Built again once both shards are in, from the server: one report, every row, one parent.
+        cmd = [sys.executable, "-m", "stages.experiments.sweep", "report", "--grid", "tiny"]
+        result = sh(root / "a", *cmd, env={"MLFLOW_TRACKING_URI": server.uri})
+        assert result.returncode == 0, result.stdout + result.stderr
+        text = (root / "a/reports/sweep-path.md").read_text()
+        assert "dropout" in text and "baseline" in text
+        runs = client.search_runs([experiment.experiment_id], "tags.`sweep.prefix` = 'sweep'")
+        assert len(runs) == 1, "the two machines' reports made two parent runs"
+        query = "tags.`dvc.exp_name` LIKE 'sweep-%'"
+        children = client.search_runs([experiment.experiment_id], query)
+        assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {runs[0].info.run_id}
 
 
 def test_an_experiment_failing_inside_a_stage_is_named_and_exits_non_zero(team):

@@ -472,19 +472,24 @@ def figure(
 
 def parent_run(client, experiment_id: str, prefix: str, grid: str) -> str:
     """The sweep's parent run (tag sweep.prefix = prefix): the one made before, else a new one."""
-    found = client.search_runs(
-        [experiment_id],
-        f"tags.`sweep.prefix` = '{prefix}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1,
-    )
+    query = f"tags.`sweep.prefix` = '{prefix}'"
+
+    def oldest():  # the same answer on every machine, even for runs made in the same millisecond
+        runs = client.search_runs([experiment_id], query, max_results=1000)
+        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)) if runs else None
+
+    found = oldest()
     if found:
-        return found[0].info.run_id
+        return found.info.run_id
     run = client.create_run(
         experiment_id, run_name=prefix, tags={"sweep.prefix": prefix, "sweep.grid": grid}
     )
     client.set_terminated(run.info.run_id)  # FINISHED: it holds reports, not a training
-    return run.info.run_id
+    # Two machines that finish their shards together may both have made one: the oldest stays.
+    winner = oldest().info.run_id
+    if winner != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return winner
 
 
 def write_report(sweep: Sweep, by_name: dict, prefix: str, out_dir: Path):
@@ -554,7 +559,12 @@ def build(
     ]
     for run in children:
         if run.data.tags.get("mlflow.parentRunId") != parent:
-            client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+            try:
+                client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+            except Exception:  # another machine's report tagged it at the same moment: re-read
+                tagged = client.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
+                if not tagged:
+                    raise
     return report
 
 

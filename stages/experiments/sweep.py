@@ -93,7 +93,10 @@ def report(grid: str, prefix: str) -> None:
             raise
         print("sweep: the report module stages/experiments/path.py is absent: no report built")
         return
-    print(f"sweep: report: {path.build(grid_name=grid, prefix=prefix)}")
+    try:
+        print(f"sweep: report: {path.build(grid_name=grid, prefix=prefix)}")
+    except ParamsError as exc:  # e.g. nothing finished, so the server holds no run to report
+        print(f"sweep: no report: {exc}")
 
 
 def push(remote: str, names: list[str]) -> None:
