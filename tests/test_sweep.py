@@ -174,6 +174,26 @@ def test_the_wait_prints_a_line_per_ended_experiment_and_returns_the_failed(monk
     assert dvcqueue.pending(STATUS.format(a="Running", b="Queued")) == 2
 
 
+def test_a_running_task_missing_from_one_listing_is_not_taken_for_finished(monkeypatch, capsys):
+    """Seen here: one `dvc queue status` lacked a task that was still running; the wait printed
+    it as finished (with no MLflow run) and counted it. A task has ended when it stays gone."""
+    without_b = STATUS.replace("4fb4e8a  p-b-s0               02:37 AM   {b}\n", "")
+    listings = iter([without_b, STATUS, without_b, without_b])
+    monkeypatch.setattr(
+        dvcqueue, "queue_status", lambda: next(listings).format(a="Success", b="Running")
+    )
+    monkeypatch.setattr(dvcqueue, "result_line", lambda name: "test accuracy 41.0%, 1.5 min")
+    failed = dvcqueue.wait({"c62c203": "p-a-s0", "4fb4e8a": "p-b-s0"}, "sweep", poll_seconds=0)
+    assert failed == []
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "sweep: [1/2] p-a-s0: test accuracy 41.0%, 1.5 min",
+        "sweep: [2/2] p-b-s0: test accuracy 41.0%, 1.5 min",
+    ]
+    with pytest.raises(StopIteration):  # it took the fourth listing, the second miss in a row
+        next(listings)
+
+
 def test_the_first_error_line_of_a_log(monkeypatch):
     log = (
         "Running stage 'download':\n> python -m stages.download\n"

@@ -73,12 +73,16 @@ def pending(status: str) -> int:
 def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10) -> list[str]:
     """Until every task in `ours` ({task id: name}) has ended, printing a line for each as it
     ends; the names of those that failed."""
-    left, failed = dict(ours), []
+    left, failed, missing = dict(ours), [], set()
     while left:
         time.sleep(poll_seconds)
         now = tasks(queue_status())
         for task, name in list(left.items()):
-            state = now.get(task, (name, "Success"))[1]  # gone from the list: DVC collected it
+            # Gone from the list: DVC collected it, if it stays gone (a listing taken while DVC
+            # rewrites its queue can lack a running task; seen once, then it was back).
+            gone_twice = task not in now and task in missing
+            missing = (missing | {task}) if task not in now else (missing - {task})
+            state = "Success" if gone_twice else now.get(task, (name, "Running"))[1]
             if state not in ENDED:
                 continue
             del left[task]
