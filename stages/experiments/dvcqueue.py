@@ -78,11 +78,14 @@ def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10) -> list[str]
         time.sleep(poll_seconds)
         now = tasks(queue_status())
         for task, name in list(left.items()):
-            # Gone from the list: DVC collected it, if it stays gone (a listing taken while DVC
-            # rewrites its queue can lack a running task; seen once, then it was back).
-            gone_twice = task not in now and task in missing
-            missing = (missing | {task}) if task not in now else (missing - {task})
-            state = "Success" if gone_twice else now.get(task, (name, "Running"))[1]
+            if task in now:
+                missing.discard(task)
+                state = now[task][1]
+            elif task in missing:  # gone from two listings in a row: DVC collected it
+                state = "Success"
+            else:  # a listing taken while DVC rewrites its queue can lack a running task
+                missing.add(task)
+                continue
             if state not in ENDED:
                 continue
             del left[task]
