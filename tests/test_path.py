@@ -213,6 +213,25 @@ def test_figures_and_the_parent_run(tmp_path, mlflow_store):
     ] == [parent]
 
 
+def test_two_machines_parent_runs_made_at_once_become_one(tmp_path, mlflow_store):
+    """Two shards' reports that both found no parent made one each; the next report keeps the
+    oldest (on every machine: by start time, then run id), deletes the other and re-tags."""
+    _, client, experiment_id = mlflow_store
+    grid = l2_sweep(tmp_path, mlflow_store)
+    tags = {"sweep.prefix": "sw", "sweep.grid": "sw"}
+    first = client.create_run(experiment_id, run_name="sw", tags=tags, start_time=1000)
+    second = client.create_run(experiment_id, run_name="sw", tags=tags, start_time=2000)
+    for run in client.search_runs([experiment_id], "tags.`dvc.exp_name` LIKE 'sw-%'"):
+        client.set_tag(run.info.run_id, "mlflow.parentRunId", second.info.run_id)
+
+    build(tmp_path, mlflow_store, grid)
+    parents = client.search_runs([experiment_id], "tags.`sweep.prefix` = 'sw'")
+    assert [r.info.run_id for r in parents] == [first.info.run_id]
+    assert client.get_run(second.info.run_id).info.lifecycle_stage == "deleted"
+    children = client.search_runs([experiment_id], "tags.`dvc.exp_name` LIKE 'sw-%'")
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {first.info.run_id}
+
+
 def test_a_learning_curve_compares_with_the_first_recipe_at_the_same_size(tmp_path, mlflow_store):
     _, client, experiment_id = mlflow_store
     # x = data.train_size; null = all of CIFAR-10's training set less validation: 10 × 4,500.

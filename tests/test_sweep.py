@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, copy_repo, write_params
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from test_tracking_server import Server
 
@@ -192,6 +193,18 @@ def test_a_running_task_missing_from_one_listing_is_not_taken_for_finished(monke
     ]
     with pytest.raises(StopIteration):  # it took the fourth listing, the second miss in a row
         next(listings)
+
+
+@pytest.mark.parametrize("why", [ParamsError("no finished run"), MlflowException("server down")])
+def test_a_report_that_cannot_be_built_is_one_line(monkeypatch, capsys, why):
+    import stages.experiments.path as path
+
+    def fail(**kwargs):
+        raise why
+
+    monkeypatch.setattr(path, "build", fail)
+    assert sweep.report("tiny", "p") is False
+    assert capsys.readouterr().out == f"sweep: no report: {why}\n"
 
 
 def test_the_first_error_line_of_a_log(monkeypatch):

@@ -471,25 +471,26 @@ def figure(
 
 
 def parent_run(client, experiment_id: str, prefix: str, grid: str) -> str:
-    """The sweep's parent run (tag sweep.prefix = prefix): the one made before, else a new one."""
+    """The sweep's parent run (tag sweep.prefix = prefix): the one made before, else a new one.
+    Two machines that finish their shards together may each make one; every report keeps the
+    oldest (start time, then run id: the same answer everywhere) and deletes the others."""
     query = f"tags.`sweep.prefix` = '{prefix}'"
 
-    def oldest():  # the same answer on every machine, even for runs made in the same millisecond
+    def oldest_and_deleted() -> str | None:
         runs = client.search_runs([experiment_id], query, max_results=1000)
-        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)) if runs else None
+        runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))
+        for extra in runs[1:]:
+            client.delete_run(extra.info.run_id)
+        return runs[0].info.run_id if runs else None
 
-    found = oldest()
+    found = oldest_and_deleted()
     if found:
-        return found.info.run_id
+        return found
     run = client.create_run(
         experiment_id, run_name=prefix, tags={"sweep.prefix": prefix, "sweep.grid": grid}
     )
     client.set_terminated(run.info.run_id)  # FINISHED: it holds reports, not a training
-    # Two machines that finish their shards together may both have made one: the oldest stays.
-    winner = oldest().info.run_id
-    if winner != run.info.run_id:
-        client.delete_run(run.info.run_id)
-    return winner
+    return oldest_and_deleted()
 
 
 def write_report(sweep: Sweep, by_name: dict, prefix: str, out_dir: Path):
@@ -528,6 +529,7 @@ def build(
 ) -> Path:
     """Figures, table and chosen.json of a sweep, logged to its MLflow parent run; returns the
     table's path. `experiment` and `tracking_uri` default to params.yaml's (mlflow section)."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     sweep = load_sweep(grid_name)
@@ -561,10 +563,10 @@ def build(
         if run.data.tags.get("mlflow.parentRunId") != parent:
             try:
                 client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
-            except Exception:  # another machine's report tagged it at the same moment: re-read
+            except MlflowException:  # another machine's report tagged it at the same moment
                 tagged = client.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
-                if not tagged:
-                    raise
+                if tagged != parent:
+                    client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
     return report
 
 

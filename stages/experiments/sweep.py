@@ -84,19 +84,24 @@ def select(sweep: Sweep, names: str | None) -> list[str]:
     return techniques
 
 
-def report(grid: str, prefix: str) -> None:
-    """The sweep's report, from the tracking server's runs (wherever they ran)."""
+def report(grid: str, prefix: str) -> bool:
+    """The sweep's report, from the tracking server's runs (wherever they ran); False, with one
+    line saying why, when none was built."""
     try:
         import stages.experiments.path as path  # written alongside: it may not be here yet
     except ModuleNotFoundError as exc:
         if exc.name != "stages.experiments.path":
             raise
         print("sweep: the report module stages/experiments/path.py is absent: no report built")
-        return
+        return False
+    from mlflow.exceptions import MlflowException
+
     try:
         print(f"sweep: report: {path.build(grid_name=grid, prefix=prefix)}")
-    except ParamsError as exc:  # e.g. nothing finished, so the server holds no run to report
-        print(f"sweep: no report: {exc}")
+        return True
+    except (ParamsError, MlflowException, OSError) as exc:  # e.g. nothing finished; server down
+        print(f"sweep: no report: {str(exc).splitlines()[0]}")
+        return False
 
 
 def push(remote: str, names: list[str]) -> None:
@@ -127,8 +132,10 @@ def main() -> None:
         failed = dvcqueue.run(todo, args.jobs, "sweep")
         if args.push:
             push(args.push, [name for name, _ in todo if name not in failed])
-    report(args.grid, args.prefix)  # of what finished, even when some failed
+    reported = report(args.grid, args.prefix)  # of what finished, even when some failed
     dvcqueue.exit_if_failed(failed, "sweep")
+    if args.command == "report" and not reported:
+        sys.exit(1)  # asked for a report, got none (the line above says why)
 
 
 def parse_args() -> argparse.Namespace:
