@@ -303,22 +303,17 @@ def test_two_shards_on_two_machines_reach_one_server_and_one_git_remote(team):
     refs = ok(root, "git", "ls-remote", str(root / "remote.git"), "refs/exps/*")
     assert sorted(line.rsplit("/", 1)[1] for line in refs.splitlines()) == names
     assert any((root / "dvc-storage").rglob("*"))  # the outputs, in the DVC remote
-    try:
-        import stages.experiments.path  # noqa: F401  (the report, when its module exists)
-    except ModuleNotFoundError:
-        assert "report module stages/experiments/path.py is absent" in outs[0][0]
-    else:
-        # Built again once both shards are in, from the server: one report, every row, one parent.
-        cmd = [sys.executable, "-m", "stages.experiments.sweep", "report", "--grid", "tiny"]
-        result = sh(root / "a", *cmd, env={"MLFLOW_TRACKING_URI": server.uri})
-        assert result.returncode == 0, result.stdout + result.stderr
-        text = (root / "a/reports/sweep-path.md").read_text()
-        assert "dropout" in text and "baseline" in text
-        runs = client.search_runs([experiment.experiment_id], "tags.`sweep.prefix` = 'sweep'")
-        assert len(runs) == 1, "the two machines' reports made two parent runs"
-        query = "tags.`dvc.exp_name` LIKE 'sweep-%'"
-        children = client.search_runs([experiment.experiment_id], query)
-        assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {runs[0].info.run_id}
+    # Built again once both shards are in, from the server: one report, every row, one parent.
+    cmd = [sys.executable, "-m", "stages.experiments.sweep", "report", "--grid", "tiny"]
+    result = sh(root / "a", *cmd, env={"MLFLOW_TRACKING_URI": server.uri})
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (root / "a/reports/sweep-path.md").read_text()
+    assert "dropout" in text and "baseline" in text
+    runs = client.search_runs([experiment.experiment_id], "tags.`sweep.prefix` = 'sweep'")
+    assert len(runs) == 1, "the two machines' reports made two parent runs"
+    query = "tags.`dvc.exp_name` LIKE 'sweep-%'"
+    children = client.search_runs([experiment.experiment_id], query)
+    assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {runs[0].info.run_id}
 
 
 def test_an_experiment_failing_inside_a_stage_is_named_and_exits_non_zero(team):

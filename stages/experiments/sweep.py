@@ -87,20 +87,15 @@ def select(sweep: Sweep, names: str | None) -> list[str]:
 def report(grid: str, prefix: str) -> bool:
     """The sweep's report, from the tracking server's runs (wherever they ran); False, with one
     line saying why, when none was built."""
-    try:
-        import stages.experiments.path as path  # written alongside: it may not be here yet
-    except ModuleNotFoundError as exc:
-        if exc.name != "stages.experiments.path":
-            raise
-        print("sweep: the report module stages/experiments/path.py is absent: no report built")
-        return False
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # imported here: MLflow is slow to import
+
+    from stages.experiments import path
 
     try:
         print(f"sweep: report: {path.build(grid_name=grid, prefix=prefix)}")
         return True
     except (ParamsError, MlflowException, OSError) as exc:  # e.g. nothing finished; server down
-        print(f"sweep: no report: {str(exc).splitlines()[0]}")
+        print(f"sweep: no report: {(str(exc).splitlines() or [repr(exc)])[0]}")
         return False
 
 
