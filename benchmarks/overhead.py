@@ -109,10 +109,15 @@ class Scratch:
         self.run("git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "lock")
 
     def run(self, *cmd: str) -> str:
-        done = subprocess.run(cmd, cwd=self.repo, env=self.env, capture_output=True, text=True)
+        # Output through files, not pipes: `dvc queue start` leaves a process per worker
+        # holding what it was given, and reading a pipe would wait for the workers to go.
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            done = subprocess.run(cmd, cwd=self.repo, env=self.env, stdout=out, stderr=err)
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
         if done.returncode:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-        return done.stdout
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{stdout[-3000:]}{stderr[-3000:]}")
+        return stdout
 
     def processes(self) -> list[dict]:
         """The stage processes noted since the last call."""

@@ -219,6 +219,34 @@ def test_the_first_error_line_of_a_log(monkeypatch):
     assert dvcqueue.first_error("x") == "ERROR: failed to reproduce 'train'"
 
 
+def test_starting_the_workers_does_not_hand_them_our_output(tmp_path):
+    """DVC's `queue start` leaves a process per worker holding the stdout it was given (CI saw
+    a study that had ended wait 10 minutes on its pipe). A `dvc` that does the same: a study
+    run through a pipe must return when it ends, not when the workers go."""
+    fake = tmp_path / "dvc"
+    fake.write_text(
+        "#!/bin/bash\necho \"Started '2' new experiments task queue workers.\"\n"
+        "sleep 30 &\n"  # the worker's keeper: it inherits our stdout and stderr
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    code = "from stages.experiments import dvcqueue; dvcqueue.start_workers(2); print('done')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=20
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Started '2' new experiments task queue workers.\ndone\n"
+
+
+def test_a_queue_that_cannot_start_is_an_error(tmp_path, monkeypatch):
+    fake = tmp_path / "dvc"
+    fake.write_text("#!/bin/bash\necho 'ERROR: no queue here' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(subprocess.CalledProcessError):
+        dvcqueue.start_workers(2)
+
+
 # --- two machines, one tracking server -----------------------------------------------------
 
 TINY_GRID = """regime: {train.epochs: 2}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +30,23 @@ def run(experiments: list[tuple[str, dict]], jobs: int, tool: str) -> list[str]:
         cmd = ["dvc", "exp", "run", "--queue", "-n", name, *P.set_options(changes)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     ours = {task: name for task, (name, _) in tasks(queue_status()).items() if task not in before}
-    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+    start_workers(jobs)
     failed = wait(ours, tool)
     report_dead_workers(tool)
     return failed
+
+
+def start_workers(jobs: int) -> None:
+    """`dvc queue start -j jobs`, its output printed once it returns. Not handed our stdout: DVC
+    forks a keeper process per worker that inherits it and lives as long as the worker, so a
+    caller reading our output through a pipe (`make study | tee log`, a CI job, a test) would
+    wait for the workers to go, not for us."""
+    with tempfile.TemporaryFile("w+") as log:
+        result = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], stdout=log, stderr=log)
+        log.seek(0)
+        print(log.read(), end="", flush=True)
+    if result.returncode != 0:
+        raise subprocess.CalledProcessError(result.returncode, result.args)
 
 
 def exit_if_failed(failed: list[str], tool: str) -> None:
