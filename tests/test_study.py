@@ -97,7 +97,12 @@ def test_a_row_added_in_yaml_is_queued(tmp_path, monkeypatch):
 
     # dvcqueue.run queues them in order, then starts the queue and waits for the new tasks only
     queued = []
-    monkeypatch.setattr(dvcqueue.subprocess, "run", lambda cmd, **kw: queued.append(cmd))
+
+    def fake_run(cmd, **kw):
+        queued.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(dvcqueue.subprocess, "run", fake_run)
     statuses = iter([STATUS, STATUS + "e5f0a1b  p-tiny-dropout-s5  02:40 AM   Queued\n"])
     monkeypatch.setattr(dvcqueue, "queue_status", lambda: next(statuses))
     waited = []
