@@ -1,12 +1,19 @@
-"""Parallel trainings on one machine: how many threads should each use?
+"""A shared machine: one training alone, and each of two trainings at once.
 
-    python benchmarks/threads.py [--images 10000] [--epochs 3]   (part of make bench)
+    python benchmarks/threads.py [--images 10000] [--epochs 3] [--repeats 3]   (part of make bench)
 
 Times the pipeline's training epoch (`net`, batch 100, synthetic 32×32 images) in separate
-processes started together, as `dvc queue start -j N` would, and reports the combined images per
-second for: one process with every core; N = cores processes with every core each (PyTorch's
-default); N processes with cores / N threads each (the pipeline's choice under a queue).
-Writes reports/threads.json and prints a Markdown table.
+processes started together, and reports each process's own images per second:
+- one training alone, as the pipeline runs it (stages/__init__.py shortens OpenMP's spin-wait,
+  GOMP_SPINCOUNT, before torch loads);
+- one training alone with PyTorch's default (long) spin-wait: what a solo run costs or gains from
+  the short one;
+- two trainings at once, every core each: two `dvc exp run`s, or one beside `make test`;
+- the same with PyTorch's default spin-wait: the collapse the pipeline avoids;
+- two DVC queue workers (`dvc queue start -j 2`): cores / 2 threads each (stages/runtime.py).
+Cases are interleaved, `--repeats` rounds; the median over rounds (and processes) is reported.
+Writes reports/threads.json and prints a Markdown table with each figure as a fraction of the
+pipeline's training alone.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -21,7 +29,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `{first}` is imported first: `stages` (its __init__ sets the spin-wait, as for every stage) or
+# `torch` (loaded before stages can set it: PyTorch's default).
 WORKER = """
+import {first}
 import sys, time, torch
 sys.path.insert(0, {repo!r})
 from stages import params as P, train
@@ -44,15 +55,17 @@ print(time.perf_counter() - start)
 """
 
 
-def run(processes: int, threads: int, images: int, epochs: int) -> float:
-    """Combined images per second of `processes` trainings started together."""
-    code = WORKER.format(repo=str(REPO), threads=threads, images=images, epochs=epochs)
+def run(processes: int, threads: int, first: str, images: int, epochs: int) -> list[float]:
+    """Each process's images per second, `processes` trainings started together."""
+    code = WORKER.format(first=first, repo=str(REPO), threads=threads, images=images, epochs=epochs)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = str(REPO)
     procs = [
-        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
         for _ in range(processes)
     ]
     seconds = [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-    return processes * images * epochs / max(seconds)
+    return [images * epochs / s for s in seconds]
 
 
 def main() -> None:
@@ -61,29 +74,32 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "threads.json")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
-    n = max(2, cores)
-    cases = [
-        ("1 process, all cores", 1, cores),
-        (f"{n} processes, all cores each (oversubscribed)", n, cores),
-        (
-            f"{n} processes, {max(1, cores // n)} thread(s) each (the pipeline's choice)",
-            n,
-            max(1, cores // n),
-        ),
-    ]
-    result = {}
-    for name, processes, threads in cases:
-        time.sleep(1)
-        result[name] = run(processes, threads, args.images, args.epochs)
-        print(f"{name}: {result[name]:,.0f} images/s combined", flush=True)
+    cases = {  # name: (processes, threads each, imported first)
+        "one training alone (the pipeline)": (1, cores, "stages"),
+        "one training alone, PyTorch's default spin": (1, cores, "torch"),
+        "each of two at once (the pipeline)": (2, cores, "stages"),
+        "each of two at once, PyTorch's default spin": (2, cores, "torch"),
+        "each of two queue workers (dvc queue start -j 2)": (2, max(1, cores // 2), "stages"),
+    }
+    rounds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, (processes, threads, first) in cases.items():
+            time.sleep(1)
+            rounds[name] += run(processes, threads, first, args.images, args.epochs)
+            print(f"{name}: {[round(x) for x in rounds[name]]} images/s", flush=True)
+    median = {name: statistics.median(values) for name, values in rounds.items()}
+    alone = median["one training alone (the pipeline)"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cores": cores, "images_per_second": result}, indent=2) + "\n")
-    print("\n| case | combined images/s |\n|---|---|")
-    for name, value in result.items():
-        print(f"| {name} | {value:,.0f} |")
+    args.out.write_text(
+        json.dumps({"cores": cores, "images_per_second": rounds, "median": median}, indent=2) + "\n"
+    )
+    print("\n| case | images/s per training (median) | × the pipeline alone |\n|---|---|---|")
+    for name, value in median.items():
+        print(f"| {name} | {value:,.0f} | {value / alone:.2f} |")
 
 
 if __name__ == "__main__":

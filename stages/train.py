@@ -94,6 +94,8 @@ def main() -> None:
     ) as run:
         if proc.logs:
             log_start(model, proc)
+            if state.run_id:  # a kill between an epoch's logging and its checkpoint
+                state.logged_epochs = runs.last_step(run.info.run_id, "val_accuracy")
         fit(params, data, model, state, proc, run, checkpoint)
         if proc.logs:
             write_outputs(params, data, model, state, run)
@@ -236,6 +238,7 @@ class Training:
     history: list[dict] = field(default_factory=list)  # one row of measurements per epoch
     best_state: dict | None = None  # the best epoch's weights, with early stopping's restore_best
     run_id: str | None = None  # the MLflow run of an interrupted training that is being resumed
+    logged_epochs: int = 0  # of a resumed run: the epochs its MLflow run already has
     averaged: AveragedModel | None = None  # train.ema_decay / swa_start_epoch: the weights' average
 
 
@@ -361,7 +364,7 @@ def fit(
             if improved and restore_best:
                 kept = averaging.measured(state.averaged, model.model)
                 state.best_state = {k: v.clone() for k, v in kept.state_dict().items()}
-            log_epoch(row, batch_loss, seconds, state, model)
+            log_epoch(row, batch_loss, seconds, state, model, epoch > state.logged_epochs)
             save_checkpoint(state, model.model, run.info.run_id, checkpoint)
         if stopping and state.stopper.should_stop:
             if proc.logs:
@@ -404,7 +407,23 @@ def run_epoch(
     )
 
 
-def log_epoch(row: dict, batch_loss: float, seconds: float, state: Training, model: Model) -> None:
+def log_epoch(
+    row: dict, batch_loss: float, seconds: float, state: Training, model: Model, log: bool = True
+) -> None:
+    """Print the epoch's line; log its metrics unless the resumed MLflow run already has them
+    (the same values: the rerun epoch is bit-identical)."""
+    if log:
+        log_metrics_of_epoch(row, batch_loss, seconds, state, model)
+    print(
+        f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+        f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s",
+        flush=True,
+    )
+
+
+def log_metrics_of_epoch(
+    row: dict, batch_loss: float, seconds: float, state: Training, model: Model
+) -> None:
     runs.log_metrics(
         {
             **row,
@@ -419,11 +438,6 @@ def log_epoch(row: dict, batch_loss: float, seconds: float, state: Training, mod
             },
         },
         step=row["epoch"],
-    )
-    print(
-        f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-        f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s",
-        flush=True,
     )
 
 

@@ -2,6 +2,10 @@
 
 The stages run from a folder holding params.yaml (DVC runs them from the repository root), so
 `workdir` makes such a folder, with the repository's own params.yaml pointed at tiny data.
+
+"The repository's params.yaml" is the committed one (git's index), never the workspace's: the
+README's tour leaves `dvc exp run -S` values in the workspace file, and a test suite whose result
+depended on the user's last experiment would say nothing about the code.
 """
 
 from __future__ import annotations
@@ -143,9 +147,18 @@ def write_params(folder: Path, **overrides) -> dict:
     return params
 
 
+def committed_params_text() -> str:
+    """params.yaml as committed (or staged with `git add`), whatever the workspace holds; the
+    file itself outside a git checkout."""
+    shown = subprocess.run(
+        ["git", "show", ":params.yaml"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    return shown.stdout if shown.returncode == 0 else (REPO / "params.yaml").read_text()
+
+
 def repository_params(**overrides) -> dict:
-    """The repository's params.yaml as a dict, with dotted overrides."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    """The repository's committed params.yaml as a dict, with dotted overrides."""
+    params = yaml.safe_load(committed_params_text())
     for key, value in overrides.items():
         node = params
         *parents, leaf = key.split(".")
@@ -182,8 +195,9 @@ def run_stage(name: str, cwd: Path, env: dict | None = None) -> subprocess.Compl
 
 
 def copy_repo(dest: Path) -> Path:
-    """The files git tracks, as a clone would have them (with the working tree's edits): a file
-    the pipeline needs but git doesn't track fails the tests here as it would fail a user."""
+    """The files git tracks, as a clone would have them (with the working tree's edits, but the
+    committed params.yaml): a file the pipeline needs but git doesn't track fails the tests here
+    as it would fail a user."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "-z"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
@@ -192,6 +206,7 @@ def copy_repo(dest: Path) -> Path:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    (dest / "params.yaml").write_text(committed_params_text())
     return dest
 
 

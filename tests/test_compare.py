@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 
-from conftest import REPO, TINY, write_params
+from conftest import TINY, committed_params_text, write_params
 from mlflow.tracking import MlflowClient
 
 from stages import augment, download, evaluate, train
@@ -84,7 +83,7 @@ def test_prefix_names_the_files(tmp_path, monkeypatch):
             client.log_metric(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id)
     monkeypatch.chdir(tmp_path)
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(committed_params_text())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr(sys, "argv", ["compare", "--prefix", "P"])
     compare.main()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import repository_params
 
 from stages import params as P
 
@@ -120,7 +121,7 @@ def param_changes(line: str) -> dict:
     ],
 )
 def test_param_changes_shown_are_valid(page, line):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = repository_params()
     changes = param_changes(line)
     if "data.source" in changes and "data.sha256" not in changes:
         changes["data.sha256"] = None  # another source than the bundled file: its own hash or none

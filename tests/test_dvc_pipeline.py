@@ -133,6 +133,46 @@ def test_each_stage_reruns_only_for_the_params_it_reads(repo):
         (repo / "params.yaml").write_text(original)
 
 
+def test_going_back_to_params_that_ran_restores_instead_of_retraining(repo):
+    """A, then B, then A again: DVC's run cache restores A's outputs (every out is cached), so
+    nothing trains, the bytes are A's, and models/run.json still names A's MLflow run."""
+    outputs = (
+        "reports/augment_preview.png",
+        "models/model.pt",
+        "models/run.json",
+        "reports/train_curves.png",
+        "metrics/train.json",
+        "metrics/eval.json",
+        "reports/confusion.png",
+    )
+    original = (repo / "params.yaml").read_text()
+    ok(repo, "dvc", "repro")  # A: the module's earlier tests ran it already
+    a = {path: (repo / path).read_bytes() for path in outputs}
+    before = len(runs(repo))
+    try:
+        write_params_text(repo, original, {"augment.flip": True})  # B: augment, train, evaluate
+        out = ok(repo, "dvc", "repro")
+        assert "Running stage 'train'" in out and len(runs(repo)) == before + 1
+    finally:
+        (repo / "params.yaml").write_text(original)
+    out = ok(repo, "dvc", "repro")  # A again
+    for stage in ("augment", "train", "evaluate"):
+        assert f"Stage '{stage}' is cached - skipping run" in out, out
+    assert "Running stage" not in out.replace("Running stage 'check'", "")
+    assert {path: (repo / path).read_bytes() for path in outputs} == a
+    assert len(runs(repo)) == before + 1  # a restore logs no run
+
+
+def write_params_text(repo: Path, text: str, changes: dict) -> None:
+    import yaml
+
+    params = yaml.safe_load(text)
+    for key, value in changes.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
 def test_dvc_metrics_and_plots_read_the_outputs(repo):
     metrics = json.loads(ok(repo, "dvc", "metrics", "show", "--json"))
     flat = json.dumps(metrics)
@@ -315,7 +355,9 @@ def test_sigkill_during_repro_then_repro_resumes_bit_identically(repo):
     proc.wait()
     assert not (repo / "models/model.pt").exists()  # DVC had removed the stage's outputs
 
-    out = ok(repo, "dvc", "repro")
+    # --force: the reference run above left these outputs in DVC's cache, which `dvc repro` would
+    # restore; a user's killed training (new params) has no such twin and resumes
+    out = ok(repo, "dvc", "repro", "--force", "--downstream", "train")
     assert "Running stage 'train'" in out and "resuming after epoch" in out
     for path, data in expected.items():
         assert (repo / path).read_bytes() == data, path

@@ -6,14 +6,14 @@ import re
 
 import pytest
 import yaml
-from conftest import REPO, run_stage, write_params
+from conftest import REPO, repository_params, run_stage, write_params
 
 from stages import params as P
 from stages.errors import ParamsError
 
 
 def test_repository_params_are_valid():
-    P.load(REPO / "params.yaml")
+    P.parse(repository_params())
 
 
 def test_unknown_key_names_the_key_its_value_and_what_is_allowed():

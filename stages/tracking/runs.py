@@ -242,6 +242,14 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     )
 
 
+def last_step(run_id: str, metric: str) -> int:
+    """The highest step of `metric` that the run has logged (0 for none)."""
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run_id, metric)
+    return max((m.step for m in history), default=0)
+
+
 def log_artifact(path: Path, folder: str | None = None) -> None:
     import mlflow
 
