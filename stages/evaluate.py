@@ -1,6 +1,9 @@
 """Stage `evaluate`: the trained model on the untouched test set, logged into train's MLflow run.
 
-Reads params: evaluate.*, mlflow.tracking_uri (to find the run's store).
+Reads params: evaluate.*; mlflow.tracking_uri (to find the run's store) and train.feature_cache
+(whether the test set's frozen prefix comes from the cache), neither a DVC param: they change
+where the metrics are logged and how they are computed, not what they are. The model runs on the
+device it was trained on (its train.device: auto = the GPU when there is one).
 Writes metrics/eval.json: test loss and accuracy (and each auxiliary task's, for a multi-task
 model), per-class accuracy, the generalization gap
 (train accuracy - test accuracy, both of the saved model in eval mode) and a diagnosis: the epoch
@@ -25,9 +28,9 @@ import torch
 from stages import errors, io as sio, params as P
 from stages.data import load_split
 from stages.errors import StageError
-from stages.networks import architectures, feature_cache, predict, tasks, weights
+from stages.networks import feature_cache, predict, registry, tasks, weights
 from stages.networks.build import build_model, network
-from stages.runtime import cpu_threads
+from stages.runtime import cpu_threads, resolve_device
 from stages.tracking import runs, store
 
 RAW = Path("data/raw")
@@ -49,6 +52,8 @@ def main() -> None:
     torch.set_num_threads(cpu_threads())
     test_x, test_y = load_split(RAW, "test")
     model, trained_with, classes = load_model(MODEL, image_size=test_x.shape[-1])
+    device = resolve_device(trained_with.train.device)
+    model.to(device)  # the images stay on the CPU: predict moves each batch
     alphas = params.evaluate.wise_alphas
     if alphas:  # the pretrained weights, before any work
         if trained_with.model.pretrained == "none":
@@ -61,7 +66,10 @@ def main() -> None:
             trained_with.model.name,
             store.tracking_uri(params.mlflow),
         )
-    metrics, matrix, predicted = test(model, trained_with, classes, test_x, test_y, params.evaluate)
+    use_cache = params.train.feature_cache
+    metrics, matrix, predicted = test(
+        model, trained_with, classes, test_x, test_y, params.evaluate, use_cache
+    )
     if alphas:
         val = load_split(PREPARED, "val")
         metrics.update(
@@ -103,11 +111,12 @@ def test(
     test_x: torch.Tensor,
     test_y: torch.Tensor,
     thresholds: P.Evaluate,
+    use_cache: bool = True,
 ):
     """metrics/eval.json's content, the confusion matrix and the predicted classes."""
     multitask = isinstance(model, tasks.MultiTask)
     # a frozen prefix's outputs come from the feature cache when it applies (train.feature_cache)
-    outputs = feature_cache.test_logits(model, trained_with, test_x)
+    outputs = feature_cache.test_logits(model, trained_with, test_x) if use_cache else None
     if outputs is None:
         outputs = predict.predict(model, test_x, all_tasks=multitask)  # every head in one pass
     logits = outputs["main"] if multitask else outputs
@@ -156,7 +165,7 @@ def wise_ft(
     trained."""
     net = network(model)
     fine_tuned = {k: v.clone() for k, v in net.state_dict().items()}
-    head = architectures.head_name(name) + "."
+    head = registry.network(name).head + "."
     curve = {}
     for alpha in sorted({*alphas, 1.0}):
         mixed = {  # lerp is exact at its ends: α = 0 gives the pretrained weights bit for bit

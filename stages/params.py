@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from stages.errors import ParamsError
+from stages.networks import registry
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -96,20 +97,25 @@ class Augment(Section):
         return ratio
 
 
-BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0")
+def backbones() -> list[str]:
+    """The networks with ImageNet weights (model.pretrained = imagenet): registry entries that name
+    their weights, and timm's family."""
+    return [n for n, e in registry.NETWORKS.items() if e.weights] + [f"{registry.TIMM}<arch>"]
 
 
 class Model(Section):
-    # net: the source's LeNet-style network; cnn: configurable; or an ImageNet backbone
-    name: Literal[
-        "net",
-        "cnn",
-        "resnet9",
-        "resnet18",
-        "mobilenet_v3_small",
-        "efficientnet_b0",
-        "efficientnet_lite0",
-    ] = "net"
+    # a registry entry (stages/networks/registry.py: net, cnn, resnet9, resnet18,
+    # mobilenet_v3_small, efficientnet_b0, efficientnet_lite0) or timm/<architecture>
+    name: str = "net"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not registry.known(name):
+            allowed = ", ".join(repr(n) for n in registry.names())
+            raise PydanticCustomError("network", f"Input should be {allowed}")
+        return name
+
     width: float = Field(
         1.0, gt=0, le=16
     )  # net, cnn, resnet9: multiplies every layer's channels and units
@@ -278,27 +284,21 @@ def parse(raw: dict[str, Any]) -> Params:
     return params
 
 
-# The model.* keys that shape a network, and the networks they shape.
-SHAPE_KEYS = {
-    "width": ("net", "cnn", "resnet9"),
-    "depth": ("cnn",),
-    "batch_norm": ("cnn",),
-    "dropout": ("net", "cnn"),
-    "conv_dropout": ("net", "cnn"),
-}
+SHAPE_KEYS = ("width", "depth", "batch_norm", "dropout", "conv_dropout")  # of some networks only
 
 
 def input_sizes(m: Model) -> tuple[int, int, str]:
     """(smallest, largest, why): the model.input_size range that makes sense for the network."""
-    if m.name == "net":
-        return 32, 32, "its first dense layer is sized for 16×5×5 features of 32×32 images"
-    if m.name == "cnn":
-        return 2**m.depth, 512, f"model.depth = {m.depth} halves the image {m.depth} times"
-    if m.name == "resnet9":
-        return 8, 512, "it halves the image 3 times"
-    # ImageNet backbones: a stride of 32 leaves one pixel of features at 32 px; 224 px is what
-    # the weights were trained at, and upsampling 32-px images further adds cost, not detail
-    return 32, 224, "its features are 32× smaller than its input; its weights saw 224 px"
+    return network_of(m).input_sizes(m)
+
+
+def network_of(m: Model) -> registry.Network:
+    """model.name's registry entry; for timm/<architecture>, one timm makes (an unknown
+    architecture is a ParamsError)."""
+    try:
+        return registry.network(m.name)
+    except (KeyError, ValueError) as error:
+        raise ParamsError(f"params.yaml: model.name = {m.name}: {error.args[0]}") from None
 
 
 def check_combinations(params: Params) -> None:
@@ -312,9 +312,11 @@ def check_combinations(params: Params) -> None:
             f"MD5, so data.sha256 must be null (it is {params.data.sha256[:12]}…): "
             "add -S data.sha256=null"
         )
-    for key, models in SHAPE_KEYS.items():
+    entry = network_of(m)
+    for key in SHAPE_KEYS:
         default = Model.model_fields[key].default
-        if m.name not in models and getattr(m, key) != default:
+        if key not in entry.shape_keys and getattr(m, key) != default:
+            models = [n for n, e in registry.NETWORKS.items() if key in e.shape_keys]
             raise ParamsError(
                 f"params.yaml: model.{key} = {getattr(m, key)!r} applies to "
                 f"{' and '.join(models)}, not to {m.name} (leave it at {default!r})"
@@ -325,16 +327,15 @@ def check_combinations(params: Params) -> None:
             f"params.yaml: augment.resized_crop_ratio = {a.resized_crop_ratio} shapes the "
             "resized crop, which is off (augment.resized_crop_scale is null)"
         )
-    if m.name in BACKBONES:
-        if params.data.normalize == "dataset":
-            raise ParamsError(
-                f"params.yaml: data.normalize = dataset is for net and cnn; "
-                f"{m.name} normalizes its inputs as its ImageNet weights expect"
-            )
-    elif m.pretrained == "imagenet":
+    if entry.mean_std is not None and params.data.normalize == "dataset":
+        raise ParamsError(
+            f"params.yaml: data.normalize = dataset is for networks without weights of their "
+            f"own; {m.name} normalizes its inputs as its ImageNet weights expect"
+        )
+    if entry.weights is None and m.pretrained == "imagenet":
         raise ParamsError(
             f"params.yaml: model.pretrained = imagenet: there are no ImageNet "
-            f"weights for {m.name} (allowed: {', '.join(BACKBONES)})"
+            f"weights for {m.name} (allowed: {', '.join(backbones())})"
         )
     if m.input_size is not None:
         low, high, why = input_sizes(m)
@@ -343,7 +344,7 @@ def check_combinations(params: Params) -> None:
                 f"params.yaml: model.input_size = {m.input_size}: {m.name} takes "
                 f"{low}…{high} pixels ({why})"
             )
-    if m.freeze_bn and (m.name == "net" or (m.name == "cnn" and not m.batch_norm)):
+    if m.freeze_bn and not entry.batch_norm(m):
         raise ParamsError(
             f"params.yaml: model.freeze_bn = true, but {m.name} has no batch norm "
             "here (cnn needs model.batch_norm = true)"
@@ -384,6 +385,22 @@ def check_combinations(params: Params) -> None:
             f"params.yaml: train.unfreeze_at_epoch = {t.unfreeze_at_epoch}, but "
             "model.freeze is none: nothing to unfreeze"
         )
+
+
+# Keys that say where a run is logged or how it is computed, not what it learns or measures:
+# dvc.yaml lists them for no stage but check (changing one reruns nothing), a saved model's
+# params leave them out (so its bytes don't follow them), and the MLflow run still logs them.
+# train.threads is not one of them: another thread count sums in another order (docs/pipeline.md).
+NOT_RESULT_KEYS = ("mlflow", "train.feature_cache")  # a section, or one key of a section
+
+
+def result_params(params: Params) -> dict[str, Any]:
+    """params as a nested dict without NOT_RESULT_KEYS: what a saved model keeps of them."""
+    exclude: dict[str, Any] = {}
+    for key in NOT_RESULT_KEYS:
+        section, _, leaf = key.partition(".")
+        exclude[section] = {**exclude.get(section, {}), leaf: True} if leaf else True
+    return params.model_dump(exclude=exclude)
 
 
 def load(path: Path = PARAMS_FILE) -> Params:

@@ -1,4 +1,4 @@
-"""Where this process runs: the repository root, and the CPU threads it may use.
+"""Where this process runs: the repository root, the CPU threads it may use, its device.
 
 The repository root is $DVC_ROOT when DVC sets it: a queued `dvc exp run` works in a temporary
 copy under .dvc/tmp/exps, while relative paths in params.yaml (data.source, model.pretrained),
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from stages.errors import StageError
 
 
 def repo_root() -> Path:
@@ -34,3 +36,14 @@ def cpu_threads() -> int:
         except (ValueError, OSError):
             pass  # a stale file of a worker that has gone
     return max(1, cores // max(1, workers))
+
+
+def resolve_device(choice: str):
+    """train.device, for train and evaluate alike: auto = the GPU when there is one."""
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise StageError("train.device = cuda, but PyTorch sees no CUDA GPU here (use auto or cpu)")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)

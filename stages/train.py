@@ -2,6 +2,8 @@
 
 Reads params: seed, data.normalize, model.*, train.*, augment.* (the online policy, mixup and
 cutmix), tasks.* (auxiliary tasks on the same backbone: stages/networks/tasks.py), mlflow.*.
+mlflow.* (where the run is logged) and train.feature_cache (how, not what, it computes) are no
+DVC params of the stage: changing them reruns nothing (params.NOT_RESULT_KEYS).
 Writes models/model.pt (state dict + the params it was trained with), models/run.json (the MLflow
 run id, for evaluate), metrics/train.json and reports/train_curves.{csv,png}.
 
@@ -44,9 +46,9 @@ from tqdm import tqdm
 from stages import averaging, errors, io as sio, params as P, regularize, sam
 from stages.data import Policy, augment, epoch_generator, load_split, to_float
 from stages.errors import StageError
-from stages.networks import architectures, feature_cache, freeze, predict, tasks, weights
+from stages.networks import feature_cache, freeze, predict, registry, tasks, weights
 from stages.networks.build import build_model, channel_mean_std, network
-from stages.runtime import cpu_threads, repo_root
+from stages.runtime import cpu_threads, repo_root, resolve_device
 from stages.tracking import runs, store
 
 PREPARED = Path("data/prepared")
@@ -186,10 +188,10 @@ def set_up_model(params: P.Params, data: Data) -> Model:
         loaded = weights.load_into(net, state, name)
         start_values = {k: p.detach().clone() for k, p in net.named_parameters() if k in loaded}
     task_weights = tasks.active(params.tasks)
-    head = net.get_submodule(architectures.head_name(name))
+    head = net.get_submodule(registry.network(name).head)
     if task_weights:  # the auxiliary heads are new too: they train at the head's rate
         head = nn.ModuleList([head, *model.heads.values()])
-    if params.model.freeze_bn and params.model.freeze != "none":
+    if params.model.freeze != "none":  # frozen means frozen: batch norm statistics too
         freeze.hold_frozen_in_eval(net, name, params.model.freeze)
     return Model(
         model,
@@ -244,7 +246,7 @@ class Training:
 
 def set_up_training(params: P.Params, data: Data, model: Model) -> Training:
     steps_per_epoch = math.ceil(len(data.train_x) / params.train.batch_size)
-    blocks = architectures.blocks(model.net, params.model.name)
+    blocks = registry.network(params.model.name).blocks(model.net)  # for layer-wise lr decay
     optimizer = make_optimizer(params.train, model.model, model.head, blocks)
     class_weights = (
         regularize.balanced_class_weights(data.train_y, len(data.classes)).to(data.train_y.device)
@@ -463,7 +465,7 @@ def write_outputs(params: P.Params, data: Data, model: Model, state: Training, r
         MODEL,
         {
             "state_dict": net.state_dict(),
-            "params": params.model_dump(),
+            "params": P.result_params(params),  # not where it was logged (P.NOT_RESULT_KEYS)
             "classes": data.classes,
             "epoch": saved["epoch"],
         },
@@ -542,15 +544,6 @@ def checkpoint_path(
     for tensor in tensors:
         digest.update(tensor.numpy().tobytes())
     return repo_root() / CHECKPOINTS / f"{digest.hexdigest()[:20]}.pt"
-
-
-def resolve_device(choice: str) -> torch.device:
-    """train.device: auto = the GPU when there is one."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise StageError("train.device = cuda, but PyTorch sees no CUDA GPU here (use auto or cpu)")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
 
 
 def trainable_parameters(model: nn.Module) -> int:

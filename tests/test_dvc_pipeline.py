@@ -70,6 +70,9 @@ def test_repro_runs_every_stage_into_one_mlflow_run(repo):
         assert (repo / path).exists(), path
     (run,) = runs(repo)
     assert "test_accuracy" in run.data.metrics and run.data.params["train.lr"] == "0.01"
+    # no DVC params of train (they rerun nothing), but logged all the same
+    assert run.data.params["mlflow.experiment"] == "overfitting"
+    assert run.data.params["train.feature_cache"] == "True"
     assert run.data.tags["git.commit"] == ok(repo, "git", "rev-parse", "HEAD").strip()
     assert run.data.tags["git.dirty"] == "false"  # params.yaml as committed
     # The store and its artifacts are neither in git's nor in DVC's view.
@@ -122,6 +125,10 @@ def test_each_stage_reruns_only_for_the_params_it_reads(repo):
             ("augment.flip", True, {"augment", "train"}),
             ("evaluate.max_gap", 0.2, {"evaluate"}),
             ("data.image_size", 40, {"download"}),
+            # where the run is logged, how the frozen prefix is computed: no stage reruns
+            ("mlflow.experiment", "elsewhere", set()),
+            ("mlflow.tracking_uri", "sqlite:///elsewhere.db", set()),
+            ("train.feature_cache", False, set()),
         ]:
             section, name = key.split(".")
             params = yaml.safe_load(original)

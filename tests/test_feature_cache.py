@@ -31,6 +31,12 @@ CNN = {"model.name": "cnn", "model.batch_norm": True, "model.freeze_bn": True, "
         (LITE0, "all_but_last_3", (192, 2, 2)),  # the input of MBConv block 15 at 64 pixels
         (CNN, "backbone", (128,)),
         (CNN, "all_but_last_1", (64, 8, 8)),
+        ({"model.name": "net"}, "backbone", (84,)),  # fc2 and its ReLU
+        ({"model.name": "net"}, "all_but_last_2", (400,)),  # pooled, flattened
+        ({"model.name": "resnet9", "model.width": 0.25}, "backbone", (128,)),  # max-pooled
+        ({"model.name": "resnet18"}, "all_but_last_1", (256, 2, 2)),
+        ({"model.name": "mobilenet_v3_small"}, "backbone", (1024,)),  # its hardswish included
+        ({"model.name": "efficientnet_b0"}, "backbone", (1280,)),
     ],
 )
 def test_prefix_then_suffix_is_the_model(net, freeze_setting, cached_shape):
@@ -48,39 +54,49 @@ def test_prefix_then_suffix_is_the_model(net, freeze_setting, cached_shape):
     assert not any(isinstance(m, torch.nn.Dropout) for m in prefix.modules())
 
 
-def test_frozen_blocks_run_as_in_evaluation_with_freeze_bn():
-    """Lite0's stochastic depth would make its frozen blocks random in training mode: with
-    model.freeze_bn they run as in evaluation while frozen, and as trained blocks once unfrozen."""
-    p = params(**LITE0, **{"model.freeze": "backbone"})
+def test_frozen_blocks_run_as_in_evaluation():
+    """Frozen means frozen, without model.freeze_bn too: in training mode a frozen block keeps its
+    batch-norm statistics and Lite0's stochastic depth is off; once train.unfreeze_at_epoch gives
+    it gradients again, it trains as any block."""
+    p = params(**{**LITE0, "model.freeze_bn": False, "model.freeze": "backbone"})
     torch.manual_seed(0)
     model = build_model(p, num_classes=10, image_size=32)
     prefix, _ = feature_cache.split(model, p.model.name, p.model.freeze)
     frozen = freeze.frozen_parameters(network(model), p.model.name, p.model.freeze)
     for q in frozen:
         q.requires_grad_(False)
+    statistics = network(model)._blocks[3]._bn1.running_mean
     x = torch.rand(8, 3, 32, 32)
     model.train()
     with torch.no_grad():
+        before = statistics.clone()
         assert not torch.equal(prefix(x), prefix(x))  # stochastic depth: random in training
+        assert not torch.equal(statistics, before)  # and the statistics follow the batches
         freeze.hold_frozen_in_eval(network(model), p.model.name, p.model.freeze)
         model.train()
+        before = statistics.clone()
         torch.testing.assert_close(prefix(x), prefix(x), rtol=0, atol=0)
+        assert torch.equal(statistics, before)
         for q in frozen:  # train.unfreeze_at_epoch: the blocks train again
             q.requires_grad_(True)
         model.train()
         assert not torch.equal(prefix(x), prefix(x))
+        assert not torch.equal(statistics, before)
 
 
 @pytest.mark.parametrize(
     "changes, why",
     [
-        ({"model.name": "resnet9"}, "resnet9 is not split for it"),
+        (
+            {"model.name": "net", "model.conv_dropout": 0.2, "model.freeze": "all_but_last_1"},
+            "dropout between the frozen blocks",
+        ),
         ({**CNN, "augment.online": True, "augment.flip": True}, "online augmentation"),
         ({**CNN, "augment.mixup_alpha": 0.2}, "mixup / cutmix"),
         ({**CNN, "tasks.rotation.weight": 0.5}, "auxiliary tasks"),
-        ({**CNN, "model.freeze_bn": False}, "batch norm"),
-        ({**LITE0, "model.freeze_bn": False}, "batch norm"),
-        ({**CNN, "model.freeze_bn": False, "model.batch_norm": False}, None),  # nothing moves
+        ({**CNN, "model.freeze_bn": False}, None),  # frozen blocks: batch norm as in evaluation
+        ({**LITE0, "model.freeze_bn": False}, None),
+        ({**CNN, "model.freeze_bn": False, "model.batch_norm": False}, None),
     ],
 )
 def test_when_the_cache_cannot_apply_it_says_why(changes, why, capsys):
@@ -227,10 +243,14 @@ def test_the_cache_survives_a_killed_run(tiny_data, capsys):
 
 def test_a_lite0_probe_on_the_cache_matches_recomputing(tmp_path, monkeypatch):
     """The real case, in process: a linear probe of Lite0's ImageNet weights (at 64 pixels, to
-    be quick) with freeze_bn, two epochs of train.run_epoch on the cache and recomputing (whose
-    frozen MBConv blocks then run without stochastic depth): the same head."""
+    be quick), model.freeze = backbone alone (no freeze_bn), two epochs of train.run_epoch on the
+    cache and recomputing (whose frozen blocks then run as in evaluation: batch norm on its
+    running statistics, no stochastic depth): the same head."""
     monkeypatch.chdir(tmp_path)
-    p = params(**LITE0, **{"model.pretrained": "imagenet", "model.freeze": "backbone"})
+    p = params(
+        **{**LITE0, "model.freeze_bn": False},
+        **{"model.pretrained": "imagenet", "model.freeze": "backbone"},
+    )
     p = p.model_copy(update={"train": p.train.model_copy(update={"batch_size": 8, "lr": 0.05})})
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=generator)

@@ -99,11 +99,18 @@ def test_cycle_detection_works(monkeypatch):
         raise AssertionError("a cycle went unnoticed")
 
 
+# The one module of a room that the basics may read: the networks' registry, which params.py
+# reads for the names and input sizes, imports no network code (test below).
+READ_BY_BASICS = {"stages.networks", "stages.networks.registry"}
+
+
 def test_layering():
     edges = graph()
     for basic in BASICS:
         above = {
-            m for m in edges[f"stages.{basic}"] if m.split(".")[1:2] and m.split(".")[1] in ROOMS
+            m
+            for m in edges[f"stages.{basic}"] - READ_BY_BASICS
+            if m.split(".")[1:2] and m.split(".")[1] in ROOMS
         }
         assert not above, f"basic module stages.{basic} imports {sorted(above)}"
     for stage in STAGES:
@@ -140,3 +147,50 @@ def test_dvc_code_deps_are_the_import_closure():
             f"dvc.yaml stage {stage}: missing {sorted(needed - declared)}, "
             f"not imported {sorted(declared - needed)}"
         )
+
+
+def test_dvc_params_are_what_the_results_depend_on():
+    """Every key of params.yaml is a DVC param of a stage that acts on it, but for the keys that
+    say only where a run is logged or how it is computed (params.NOT_RESULT_KEYS): those are
+    params of no stage but check, which validates the whole file, so changing them reruns
+    nothing."""
+    from stages import params as P
+
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+    def under(key: str, names) -> bool:
+        return any(key == n or key.startswith(n + ".") for n in names)
+
+    def params_of(stage: str) -> list[str]:
+        return [p for p in pipeline[stage].get("params", []) if isinstance(p, str)]
+
+    keys = P.flatten(P.Params())
+    not_results = [k for k in keys if under(k, P.NOT_RESULT_KEYS)]
+    assert len(not_results) >= len(P.NOT_RESULT_KEYS), "NOT_RESULT_KEYS names unknown keys"
+    for key in keys:
+        stages = [s for s in STAGES if s != "check" and under(key, params_of(s))]
+        if key in not_results:
+            assert not stages, f"{key} changes no result, but is a param of {stages}"
+        else:
+            assert stages, f"{key} is a param of no stage: changing it would rerun nothing"
+
+
+def test_the_registry_imports_no_network_code_and_the_stages_that_build_do():
+    """registry.py reaches each definition through _defined_in("<module>") (importlib, unseen by
+    the import graph), so that params.py, and with it the check, download and augment stages,
+    depend on no network code; every module named so must be in the import closure of train and
+    evaluate, or DVC would not rerun them when it changes."""
+    edges = graph()
+    assert edges["stages.networks.registry"] <= {"stages", "stages.networks"}
+    source = ast.parse((REPO / "stages/networks/registry.py").read_text())
+    named = {
+        f"stages.networks.{node.args[0].value}"
+        for node in ast.walk(source)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) == "_defined_in"
+        and isinstance(node.args[0], ast.Constant)
+    }
+    assert "stages.networks.small" in named
+    for stage in ("train", "evaluate"):
+        missing = named - closure(f"stages.{stage}", edges)
+        assert not missing, f"stage {stage} builds networks from {sorted(missing)} unimported"

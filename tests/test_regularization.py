@@ -68,7 +68,7 @@ def test_cnn_depth_width_and_batch_norm():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in shallow.modules())
     assert big(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     params = P.parse({"model": {"name": "cnn", "depth": 5}, "data": {"image_size": 16}})
-    with pytest.raises(StageError, match="needs data.image_size >= 32"):
+    with pytest.raises(StageError, match="cnn takes 32…512 pixels .* images are 16 pixels"):
         build_model(params, 10, image_size=16)
 
 

