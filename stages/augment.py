@@ -14,6 +14,7 @@ Reads params: seed, data.val_fraction, data.train_size, data.imbalance_ratio, au
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,9 @@ def main() -> None:
     classes = raw_meta["classes"]
 
     train_idx, val_idx = stratified_split(labels, params.data.val_fraction, params.seed)
+    warning = small_validation_warning(labels[val_idx], len(classes), params.data.val_fraction)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if params.data.train_size is not None:
         if params.data.train_size > len(train_idx):
             raise StageError(
@@ -75,6 +79,19 @@ def main() -> None:
     print(
         f"augment: {len(train_y)} training images ({len(train_idx)} originals, "
         f"{params.augment.copies} augmented copies each), {len(val_idx)} validation images"
+    )
+
+
+def small_validation_warning(val_labels: np.ndarray, num_classes: int, val_fraction: float):
+    """A line for a validation split too small to choose with (every choice "on validation"
+    rests on it): under 20 images in some class, or under 200 in all; else None."""
+    per_class = np.bincount(val_labels, minlength=num_classes)
+    if per_class.min() >= 20 and len(val_labels) >= 200:
+        return None
+    return (
+        f"warning (augment): the validation split holds {len(val_labels)} images "
+        f"({per_class.min()} in its smallest class), too few to choose with: raise "
+        f"data.val_fraction (now {val_fraction}) to hold out at least 20 per class and 200 in all"
     )
 
 

@@ -337,13 +337,20 @@ def check_combinations(params: Params) -> None:
             f"params.yaml: model.pretrained = imagenet: there are no ImageNet "
             f"weights for {m.name} (allowed: {', '.join(backbones())})"
         )
-    if m.input_size is not None:
-        low, high, why = input_sizes(m)
-        if not low <= m.input_size <= high:
-            raise ParamsError(
-                f"params.yaml: model.input_size = {m.input_size}: {m.name} takes "
-                f"{low}…{high} pixels ({why})"
-            )
+    # What the network sees: model.input_size, or the data's own size. Checked here, so that the
+    # check stage refuses it before download and augment have run.
+    low, high, why = input_sizes(m)
+    if m.input_size is not None and not low <= m.input_size <= high:
+        raise ParamsError(
+            f"params.yaml: model.input_size = {m.input_size}: {m.name} takes "
+            f"{low}…{high} pixels ({why})"
+        )
+    if m.input_size is None and not low <= params.data.image_size <= high:
+        raise ParamsError(
+            f"params.yaml: data.image_size = {params.data.image_size}: {m.name} takes "
+            f"{low}…{high} pixels ({why}); set model.input_size to resize inside the model, "
+            "or change data.image_size"
+        )
     if m.freeze_bn and not entry.batch_norm(m):
         raise ParamsError(
             f"params.yaml: model.freeze_bn = true, but {m.name} has no batch norm "

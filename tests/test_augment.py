@@ -225,3 +225,17 @@ def test_resized_crop_refuses_values_that_mean_nothing(change, message):
     with pytest.raises(ParamsError, match=message) as caught:
         P.parse({"augment": change})
     assert "\n" not in str(caught.value)
+
+
+def test_a_validation_split_too_small_to_choose_with_is_a_warning_naming_val_fraction(
+    workdir, capsys
+):
+    warn = augment_stage.small_validation_warning
+    assert warn(np.repeat(np.arange(10), 20), 10, 0.02) is None
+    few = warn(np.repeat(np.arange(3), 3), 3, 0.02)  # 450 images of 3 classes, 2% held out
+    assert few.startswith("warning (augment): the validation split holds 9 images")
+    assert "data.val_fraction (now 0.02)" in few
+    assert warn(np.repeat(np.arange(2), 99), 2, 0.1)  # 198 in all
+    download.main()
+    augment_stage.main()  # the tests' tiny data: a few validation images
+    assert "warning (augment): the validation split holds" in capsys.readouterr().err

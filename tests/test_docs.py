@@ -126,3 +126,20 @@ def test_param_changes_shown_are_valid(page, line):
     if "data.source" in changes and "data.sha256" not in changes:
         changes["data.sha256"] = None  # another source than the bundled file: its own hash or none
     P.parse(P.with_changes(raw, changes))
+
+
+CODE = [REPO / "Makefile", *REPO.glob(".ci/*"), *REPO.glob("**/*.py"), *REPO.glob("**/*.yaml")]
+
+
+def test_no_placeholder_is_left_in_the_docs():
+    """A name in CAPITALS_WITH_UNDERSCORES in a page is an environment, make or code variable the
+    code uses, never a placeholder left where a command belongs; no template is left unfilled."""
+    code = "\n".join(p.read_text() for p in CODE if ".venv" not in p.parts and p.is_file())
+    for page in PAGES:
+        text = page.read_text()
+        unknown = sorted(
+            set(re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]{2,}\b", text))
+            - set(re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]{2,}\b", code))
+        )
+        assert not unknown, f"{page.name}: placeholders? {unknown}"
+        assert "{{" not in text, page.name  # an unfilled Jinja or Go template

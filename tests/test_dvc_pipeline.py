@@ -209,6 +209,7 @@ def test_exp_run_with_a_param_adds_a_second_run(repo):
         ("+train.lrr=0.1", "unknown key 'train.lrr'"),  # '+' adds a key; without it DVC refuses
         ("train.lr=-1", "train.lr = -1: Input should be greater than 0"),
         ("data.val_fraction=1.5", "data.val_fraction = 1.5: Input should be less than 1"),
+        ("data.image_size=64", "data.image_size = 64: net takes 32…32 pixels"),  # before download
     ],
 )
 def test_bad_params_stop_before_any_output_is_touched(repo, override, message):

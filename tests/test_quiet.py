@@ -10,7 +10,7 @@ from conftest import run_stage
 OWN = {
     "check": [],
     "download": [r"download: \d+ train \+ \d+ test images"],
-    "augment": [r"augment: \d+ training images"],
+    "augment": [r"augment: \d+ training images", r"warning \(augment\): the validation split"],
     "train": [r"epoch +\d+  train loss"],
     "evaluate": [r"evaluate: test accuracy"],
 }

@@ -22,7 +22,7 @@ from stages.data import (
     random_erasing,
     trivial_augment,
 )
-from stages.errors import StageError
+from stages.errors import ParamsError, StageError
 from stages.networks import predict, small
 from stages.networks.build import build_model
 
@@ -67,7 +67,9 @@ def test_cnn_depth_width_and_batch_norm():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in big.modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in shallow.modules())
     assert big(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    params = P.parse({"model": {"name": "cnn", "depth": 5}, "data": {"image_size": 16}})
+    with pytest.raises(ParamsError, match="data.image_size = 16: cnn takes 32…512 pixels"):
+        P.parse({"model": {"name": "cnn", "depth": 5}, "data": {"image_size": 16}})
+    params = P.parse({"model": {"name": "cnn", "depth": 5}})  # data whose size params don't say
     with pytest.raises(StageError, match="cnn takes 32…512 pixels .* images are 16 pixels"):
         build_model(params, 10, image_size=16)
 
