@@ -235,7 +235,7 @@ def test_a_validation_split_too_small_to_choose_with_is_a_warning_naming_val_fra
     few = warn(np.repeat(np.arange(3), 3), 3, 0.02)  # 450 images of 3 classes, 2% held out
     assert few.startswith("warning (augment): the validation split holds 9 images")
     assert "data.val_fraction (now 0.02)" in few
-    assert warn(np.repeat(np.arange(2), 99), 2, 0.1)  # 198 in all
+    assert warn(np.repeat(np.arange(3), [30, 30, 19]), 3, 0.1)  # one class of 19
     download.main()
     augment_stage.main()  # the tests' tiny data: a few validation images
     assert "warning (augment): the validation split holds" in capsys.readouterr().err
