@@ -6,10 +6,11 @@
 # make bench:   epoch speed of the source's loop, the pipeline and pure compute; stage start-up;
 #               the cost around each experiment and the queue's throughput
 # make preset:  a named set of params as one DVC experiment (make preset PRESET=fast-gpu)
-# make study:   the regularization study as queued DVC experiments, then its table
-#               (e.g. make study STUDY_ARGS="--seeds 0 1")
-# make sweep:   each technique of grids/sweep.yaml at a range of strengths, then its report
-#               (e.g. make sweep SWEEP_ARGS="--jobs 2 --shard 1/3"; docs/experiments.md#sweeps)
+# make study:   the regularization study as queued DVC experiments (JOBS workers, default 2),
+#               then its table (e.g. make study STUDY_ARGS="--seeds 0,1")
+# make sweep:   each technique of grids/sweep.yaml at a range of strengths (JOBS workers, default
+#               2), then its report (e.g. make sweep JOBS=1 SWEEP_ARGS="--shard 1/3";
+#               docs/experiments.md#sweeps)
 # make train-ddp NPROC=2:  the train stage as N data-parallel processes (torchrun; gloo on CPUs)
 # make mlflow-server:      a team tracking server on PostgreSQL, on loopback (docs/scaling-out.md)
 VENV   := .venv
@@ -44,13 +45,15 @@ format: install
 	ruff check --fix .
 	ruff format .
 
+# Queue workers of make study and make sweep (a --jobs in STUDY_ARGS / SWEEP_ARGS wins).
+JOBS ?= 2
 STUDY_ARGS ?=
 study: install
-	python -m stages.experiments.study run $(STUDY_ARGS)
+	python -m stages.experiments.study run --jobs $(JOBS) $(STUDY_ARGS)
 
 SWEEP_ARGS ?=
 sweep: install
-	python -m stages.experiments.sweep run $(SWEEP_ARGS)
+	python -m stages.experiments.sweep run --jobs $(JOBS) $(SWEEP_ARGS)
 
 PRESET ?= fast-gpu
 preset: install

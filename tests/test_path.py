@@ -173,6 +173,39 @@ def test_when_the_baseline_wins_on_validation_the_report_says_so(tmp_path, mlflo
     assert chosen["baseline"] is True and chosen["value"] == 0.0 and chosen["changes"] == {}
 
 
+def test_the_report_shows_only_the_techniques_that_ran(tmp_path, mlflow_store):
+    """Issue 28: a quick pass of two techniques listed the ten others as 'No finished runs'."""
+    l2_sweep(tmp_path, mlflow_store)
+    dropout = {"param": "model.dropout", "values": [0.5], "scale": "linear"}
+    l2 = {"param": "train.l2", "values": [1e-4, 1e-3], "scale": "log"}
+    grid = write_grid(tmp_path, techniques={"dropout": dropout, "l2": l2})
+    text = build(tmp_path, mlflow_store, grid).read_text()
+    assert "## l2 (`train.l2`)" in text
+    assert "dropout" not in text and "No finished runs" not in text
+    assert "Built from 9 finished runs." in text
+    assert not (tmp_path / "reports/sw-path-dropout.png").exists()
+
+
+def test_a_committed_report_is_kept_when_the_new_one_has_fewer_runs(tmp_path, mlflow_store):
+    import subprocess
+
+    grid = l2_sweep(tmp_path, mlflow_store)
+    report = build(tmp_path, mlflow_store, grid)
+    full = report.read_text()
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    git("add", "reports")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the report")
+    _, client, experiment_id = mlflow_store
+    for run in client.search_runs([experiment_id], "tags.`dvc.exp_name` = 'sw-l2-0.001-s2'"):
+        client.delete_run(run.info.run_id)
+    with pytest.raises(ParamsError, match="8 runs where the committed file has 9"):
+        build(tmp_path, mlflow_store, grid)
+    assert report.read_text() == full
+    path.build(grid, "sw", tmp_path / "reports", mlflow_store[0], "overfitting", force=True)
+    assert "Built from 8 finished runs." in report.read_text()
+
+
 def test_a_missing_seed_pairs_only_the_seeds_both_have(tmp_path, mlflow_store):
     grid = l2_sweep(tmp_path, mlflow_store, skip={"sw-l2-0.001-s2"})
     text = build(tmp_path, mlflow_store, grid).read_text()

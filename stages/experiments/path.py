@@ -44,8 +44,7 @@ from scipy import stats
 
 from stages import io as sio, params as P
 from stages.errors import ParamsError
-from stages.experiments import sweepgrid
-from stages.tracking import store
+from stages.experiments import reports, sweepgrid
 
 GRIDS_DIR = Path(__file__).parent / "grids"
 METRICS = {  # the columns, and the MLflow metric each reads (fractions; shown in percent)
@@ -99,18 +98,6 @@ def baseline_name(prefix: str, seed: int) -> str:
 
 
 # --- reading the runs ------------------------------------------------------------------------
-
-
-def finished_runs(client, experiment_id: str, prefix: str) -> dict:
-    """{DVC experiment name: its latest FINISHED, evaluated run} (as study.table finds them)."""
-    runs = client.search_runs(
-        [experiment_id], f"tags.`dvc.exp_name` LIKE '{prefix}-%'", max_results=50000
-    )
-    by_name = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time):  # the latest run of a name wins
-        if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
-            by_name[run.data.tags["dvc.exp_name"]] = run
-    return by_name
 
 
 def train_images(run) -> int:
@@ -314,10 +301,9 @@ def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen
     header = ["seeds", "train", "validation", "test", "gap", "Δtest", "Δgap", "verdict"]
     for t in sweep.techniques:
         points = paths[t.name]
-        lines += ["", f"## {t.name} (`{t.param}`)", ""]
-        if not points:
-            lines.append("No finished runs yet.")
+        if not points:  # not asked for in this pass, or not finished: not shown
             continue
+        lines += ["", f"## {t.name} (`{t.param}`)", ""]
         x = "training images" if t.param == "data.train_size" else "strength"
         lines += ["| " + " | ".join([x, *header]) + " |", "|" + "---|" * (1 + len(header))]
         rows = ([baseline] if baseline else []) + points
@@ -357,7 +343,10 @@ def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen
                 f"{best.mean('validation'):.1f}%, test {best.mean('test'):.1f}%, "
                 f"seeds {', '.join(map(str, sorted(best.runs)))})."
             )
-    return "\n".join(lines) + "\n"
+    runs = len(baseline.runs if baseline else {}) + sum(
+        len(p.runs) for points in paths.values() for p in points
+    )
+    return "\n".join([*lines, "", reports.RUNS_LINE.format(n=runs)]) + "\n"
 
 
 def chosen_json(sweep: Sweep, baseline: Point | None, chosen: dict) -> dict:
@@ -493,10 +482,11 @@ def parent_run(client, experiment_id: str, prefix: str, grid: str) -> str:
     return oldest_and_deleted()
 
 
-def write_report(sweep: Sweep, by_name: dict, prefix: str, out_dir: Path):
+def write_report(sweep: Sweep, by_name: dict, prefix: str, out_dir: Path, force: bool = False):
     """The figures, the table and chosen.json of the runs `by_name` ({experiment name: a run with
     .data.params, .data.metrics and .data.tags as MLflow gives them}); returns the files written
-    (the table and chosen.json last), the baseline's Point and the Points of each technique."""
+    (the table and chosen.json last), the baseline's Point and the Points of each technique.
+    Nothing is written when the table would hold less than the committed one (unless `force`)."""
     baseline, paths = collect(sweep, by_name, prefix)
     if not any(paths.values()):
         raise ParamsError(f"no finished run of grid {sweep.name!r} named {prefix}-...")
@@ -507,6 +497,9 @@ def write_report(sweep: Sweep, by_name: dict, prefix: str, out_dir: Path):
         if paths[t.name]
     }
     out_dir = Path(out_dir)
+    report = out_dir / f"{prefix}-path.md"
+    text = table(sweep, prefix, baseline, paths, chosen)
+    reports.check_not_less(report, text, force)
     files = []
     for t in sweep.techniques:
         if paths[t.name]:
@@ -514,8 +507,7 @@ def write_report(sweep: Sweep, by_name: dict, prefix: str, out_dir: Path):
             first = sweep.techniques[0]
             reference = None if sweep.baseline or t is first else (first.name, paths[first.name])
             figure(t, paths[t.name], baseline, chosen[t.name], files[-1], reference)
-    report = out_dir / f"{prefix}-path.md"
-    sio.write_text(report, table(sweep, prefix, baseline, paths, chosen))
+    sio.write_text(report, text)
     sio.write_json(out_dir / f"{prefix}-chosen.json", chosen_json(sweep, baseline, chosen))
     return [*files, report, out_dir / f"{prefix}-chosen.json"], baseline, paths
 
@@ -526,31 +518,28 @@ def build(
     out_dir: Path = Path("reports"),
     tracking_uri: str | None = None,
     experiment: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Figures, table and chosen.json of a sweep, logged to its MLflow parent run; returns the
     table's path. `experiment` and `tracking_uri` default to params.yaml's (mlflow section)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     sweep = load_sweep(grid_name)
-    if tracking_uri is None or experiment is None:
-        params = P.load()
-        tracking_uri = tracking_uri or store.tracking_uri(params.mlflow)
-        experiment = experiment or params.mlflow.experiment
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
+    client, experiment_id, experiment, tracking_uri = reports.open_experiment(
+        tracking_uri, experiment
+    )
+    if experiment_id is None:
         raise ParamsError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
-    by_name = finished_runs(client, found.experiment_id, prefix)
+    by_name = reports.finished_runs(client, experiment_id, prefix)
     if not by_name:
         raise ParamsError(
             f"no finished run of grid {sweep.name!r} named {prefix}-<technique>-<value>-s<seed> "
             f"in experiment {experiment!r} of {tracking_uri}"
         )
-    files, baseline, paths = write_report(sweep, by_name, prefix, out_dir)
+    files, baseline, paths = write_report(sweep, by_name, prefix, out_dir, force)
     report = files[-2]
 
-    parent = parent_run(client, found.experiment_id, prefix, sweep.name)
+    parent = parent_run(client, experiment_id, prefix, sweep.name)
     for path in files:
         client.log_artifact(parent, str(path))
     children = [
@@ -579,9 +568,12 @@ def main() -> None:
         "--prefix", default="sweep", help="experiment names <prefix>-… (default: sweep)"
     )
     parser.add_argument("--out", type=Path, default=Path("reports"), help="where the files go")
+    parser.add_argument(
+        "--force", action="store_true", help="replace a committed report even with fewer runs"
+    )
     args = parser.parse_args()
     try:
-        report = build(args.grid, args.prefix, args.out)
+        report = build(args.grid, args.prefix, args.out, force=args.force)
     except ParamsError as exc:
         sys.exit(f"error (path): {exc}")
     print(f"path: {report}, {args.prefix}-chosen.json and the figures in {args.out}/")

@@ -32,7 +32,7 @@ import yaml
 
 from stages import io as sio, params as P
 from stages.errors import ParamsError
-from stages.experiments import dvcqueue
+from stages.experiments import dvcqueue, reports
 
 GRIDS_DIR = Path(__file__).parent / "grids"
 GRID_KEYS = {"regime", "seeds", "shared", "rows"}
@@ -141,28 +141,11 @@ def experiments(
     ]
 
 
-def table(grid: Grid, rows=None, seeds=None, prefix: str = "study") -> str:
-    """mean ± std over seeds of every row that MLflow has runs of."""
-    from mlflow.tracking import MlflowClient
-
-    from stages.tracking import store
-
+def table(grid: Grid, rows=None, seeds=None, prefix: str = "study") -> str | None:
+    """mean ± std over seeds of every row that MLflow has runs of; None when it has none."""
     rows, seeds = rows or list(grid.rows), seeds or grid.seeds
-    params = P.load()
-    client = MlflowClient(store.tracking_uri(params.mlflow))
-    experiment = client.get_experiment_by_name(params.mlflow.experiment)
-    runs = (
-        client.search_runs(
-            [experiment.experiment_id], f"tags.`dvc.exp_name` LIKE '{prefix}-%'", max_results=5000
-        )
-        if experiment
-        else []
-    )
-    by_name = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time):  # the latest run of a name wins
-        if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
-            by_name[run.data.tags["dvc.exp_name"]] = run
-
+    client, experiment_id, _, _ = reports.open_experiment()
+    by_name = reports.finished_runs(client, experiment_id, prefix) if experiment_id else {}
     found_by_row = {
         row: [
             by_name[exp_name(row, s, prefix)] for s in seeds if exp_name(row, s, prefix) in by_name
@@ -204,7 +187,10 @@ def table(grid: Grid, rows=None, seeds=None, prefix: str = "study") -> str:
             f"{statistics.mean(minutes):.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    if not found_by_row:
+        return None
+    runs = sum(len(found) for found in found_by_row.values())
+    return "\n".join(lines) + "\n\n" + reports.RUNS_LINE.format(n=runs) + "\n"
 
 
 def _task_cell(runs, key: str) -> str:
@@ -247,15 +233,35 @@ def main() -> None:
         # The table of the whole grid as MLflow knows it: a run of a few rows or seeds adds to
         # the table instead of cutting it down to them.
         table_rows, table_seeds = list(grid.rows), sorted(set(grid.seeds) | set(seeds))
-    text = table(grid, table_rows, table_seeds, args.prefix)
-    sio.write_text(args.out or default_out(args.prefix, args.grid), text)
-    print(text)
+    written = write_table(grid, table_rows, table_seeds, args)
     if args.command == "run":  # and every run just made that finished: the comparison report
         finished = [name for name, _ in todo if name not in failed]
         if finished:
             compare = [sys.executable, "-m", "stages.experiments.compare", "--exps"]
             subprocess.run([*compare, ",".join(finished), "--prefix", args.prefix], check=True)
     dvcqueue.exit_if_failed(failed, "study")
+    if args.command == "table" and not written:
+        sys.exit(1)  # asked for the table, got none (the line above says why)
+
+
+def write_table(grid: Grid, rows: list[str], seeds: list[int], args) -> bool:
+    """The table, unless it would be empty or hold less than the committed file (one line
+    saying so instead); whether it was written."""
+    out = args.out or default_out(args.prefix, args.grid)
+    text = table(grid, rows, seeds, args.prefix)
+    if text is None:
+        print(
+            f"study: no finished run of grid {grid.name!r} named {args.prefix}-…: nothing written"
+        )
+        return False
+    try:
+        reports.check_not_less(out, text, args.force)
+    except reports.Refused as exc:
+        print(f"study: {exc}")
+        return False
+    sio.write_text(out, text)
+    print(text)
+    return True
 
 
 def parse_args() -> argparse.Namespace:
@@ -280,6 +286,9 @@ def parse_args() -> argparse.Namespace:
         "reports/<prefix>-<grid>.md for another grid)",
     )
     add_set_option(parser, "row")
+    parser.add_argument(
+        "--force", action="store_true", help="replace a committed table even with fewer rows"
+    )
     parser.add_argument(
         "--prefix", default="study", help="experiment names <prefix>-<row>-s<seed> (default: study)"
     )

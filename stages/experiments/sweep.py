@@ -84,7 +84,7 @@ def select(sweep: Sweep, names: str | None) -> list[str]:
     return techniques
 
 
-def report(grid: str, prefix: str) -> bool:
+def report(grid: str, prefix: str, force: bool = False) -> bool:
     """The sweep's report, from the tracking server's runs (wherever they ran); False, with one
     line saying why, when none was built."""
     from mlflow.exceptions import MlflowException  # imported here: MLflow is slow to import
@@ -92,7 +92,7 @@ def report(grid: str, prefix: str) -> bool:
     from stages.experiments import path
 
     try:
-        print(f"sweep: report: {path.build(grid_name=grid, prefix=prefix)}")
+        print(f"sweep: report: {path.build(grid_name=grid, prefix=prefix, force=force)}")
         return True
     except (ParamsError, MlflowException, OSError) as exc:  # e.g. nothing finished; server down
         print(f"sweep: no report: {(str(exc).splitlines() or [repr(exc)])[0]}")
@@ -127,7 +127,7 @@ def main() -> None:
         failed = dvcqueue.run(todo, args.jobs, "sweep")
         if args.push:
             push(args.push, [name for name, _ in todo if name not in failed])
-    reported = report(args.grid, args.prefix)  # of what finished, even when some failed
+    reported = report(args.grid, args.prefix, args.force)  # of what finished, even when some failed
     dvcqueue.exit_if_failed(failed, "sweep")
     if args.command == "report" and not reported:
         sys.exit(1)  # asked for a report, got none (the line above says why)
@@ -146,6 +146,9 @@ def parse_args() -> argparse.Namespace:
         "--prefix", default="sweep", help="experiment names <prefix>-<technique>-<value>-s<seed>"
     )
     parser.add_argument("--jobs", type=int, default=1, help="parallel DVC queue workers")
+    parser.add_argument(
+        "--force", action="store_true", help="replace a committed report even with fewer runs"
+    )
     parser.add_argument("--shard", help="i/n: run only the i-th of n parts (one per machine)")
     parser.add_argument(
         "--push", metavar="GIT_REMOTE", help="then dvc exp push the finished experiments there"
