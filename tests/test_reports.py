@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_params
 
-from stages.experiments import reports, study, sweep
+from stages.experiments import engine, plan as plans, reports
 
 TABLE = """| technique | seeds |
 |---|---|
@@ -59,7 +59,7 @@ def test_a_committed_report_is_not_replaced_by_less_unless_forced(tmp_path):
 def test_a_table_from_an_empty_store_leaves_the_committed_file_as_it_was(
     tmp_path, monkeypatch, capsys
 ):
-    """Issue 28: `study table` on a store without study runs overwrote reports/study.md (15
+    """Issue 28: the study's table (then `study table`) on a store without study runs overwrote reports/study.md (15
     rows) with an empty table."""
     write_params(tmp_path)
     (tmp_path / "reports").mkdir()
@@ -67,14 +67,15 @@ def test_a_table_from_an_empty_store_leaves_the_committed_file_as_it_was(
     commit_all(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
-    monkeypatch.setattr(sys, "argv", ["study", "table"])
+    monkeypatch.setattr(sys, "argv", ["engine", "report", "--grid", "regularization"])
     with pytest.raises(SystemExit) as exit_:
-        study.main()
+        engine.main()
     assert exit_.value.code == 1
-    out = capsys.readouterr().out
-    assert out.splitlines() == [
-        "study: no finished run of grid 'regularization' named study-…: nothing written"
-    ]
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(
+        "engine: no report: no finished run of plan 'regularization' named study-…"
+    )
+    assert line.endswith("nothing written")
     assert (tmp_path / "reports/study.md").read_text() == TABLE
 
 
@@ -123,8 +124,8 @@ def test_make_sweep_runs_the_workers_the_readme_says():
 
 def test_counts_the_docs_state_are_the_grids():
     """Issue 28: '38 experiments per seed' (the grid had 28), a 30-epoch regime (60)."""
-    grid = sweep.load("sweep")
-    per_seed = len(sweep.points(grid, list(grid.techniques), [0]))
+    grid = plans.load("sweep")
+    per_seed = len(plans.experiments(grid, plans.select(grid, None), [0], "sweep"))
     for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         for stated in re.findall(r"(\d+) experiments per seed", page.read_text()):
             assert int(stated) == per_seed, f"{page.name}: {stated} experiments per seed"
@@ -141,4 +142,4 @@ def test_the_quick_pass_is_one_command_in_the_readme_and_the_docs():
     readme = re.search(r'`make sweep SWEEP_ARGS="([^"]+)"`', (REPO / "README.md").read_text())
     assert readme and "--set train.optimizer=adam" in readme.group(1)
     docs = (REPO / "docs/experiments.md").read_text()
-    assert f"python -m stages.experiments.sweep run {readme.group(1)}" in docs
+    assert f"python -m stages.experiments.engine run --grid sweep {readme.group(1)}" in docs

@@ -1,7 +1,8 @@
 """Reports of experiments: views of the finished runs, and how they are written.
 
-One lookup of finished runs (`finished_runs`) serves the reports, the comparison and the queue's
-progress lines. A report never destroys (`write_files`): built from no runs it writes
+One lookup of finished runs (`finished_runs`) serves every report and the comparison; every
+report's files go to one MLflow parent run per prefix (`log_to_parent`), under which the MLflow
+UI nests the pass's runs. A report never destroys (`write_files`): built from no runs it writes
 nothing and says so in one line, and it never replaces a file that git has committed with one
 that holds less (fewer table rows, or fewer runs) unless asked (`force`). A pass under a prefix
 of its own writes files of its own, which no commit holds.
@@ -109,3 +110,45 @@ def check_not_less(report: Path, text: str, force: bool = False) -> None:
             f"not overwriting {report}: the new report has {why} (--force replaces it; "
             "--prefix writes a pass's report under names of its own)"
         )
+
+
+def parent_run(client, experiment_id: str, prefix: str, plan: str) -> str:
+    """The pass's parent run (tag sweep.prefix = prefix): the one made before, else a new one.
+    Two machines that report together may each make one; every report keeps the oldest (start
+    time, then run id: the same answer everywhere) and deletes the others."""
+    query = f"tags.`sweep.prefix` = '{prefix}'"
+
+    def oldest_and_deleted() -> str | None:
+        runs = client.search_runs([experiment_id], query, max_results=1000)
+        runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))
+        for extra in runs[1:]:
+            client.delete_run(extra.info.run_id)
+        return runs[0].info.run_id if runs else None
+
+    found = oldest_and_deleted()
+    if found:
+        return found
+    run = client.create_run(
+        experiment_id, run_name=prefix, tags={"sweep.prefix": prefix, "sweep.grid": plan}
+    )
+    client.set_terminated(run.info.run_id)  # FINISHED: it holds reports, not a training
+    return oldest_and_deleted()
+
+
+def log_to_parent(client, experiment_id: str, prefix: str, plan: str, files, children) -> str:
+    """The report's files as artifacts of the pass's parent run, and every run it was built
+    from nested under it (tag mlflow.parentRunId); the parent's id."""
+    from mlflow.exceptions import MlflowException
+
+    parent = parent_run(client, experiment_id, prefix, plan)
+    for path in files:
+        client.log_artifact(parent, str(path))
+    for run in children:
+        if run.data.tags.get("mlflow.parentRunId") != parent:
+            try:
+                client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+            except MlflowException:  # another machine's report tagged it at the same moment
+                tagged = client.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
+                if tagged != parent:
+                    client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+    return parent
