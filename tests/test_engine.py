@@ -337,6 +337,44 @@ def test_two_shards_on_two_machines_reach_one_server_and_one_git_remote(team):
     assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {runs[0].info.run_id}
 
 
+def test_two_machines_sharing_a_storage_take_the_points_as_they_are_free(team):
+    """No --shard: both machines run the same command against one Optuna storage and one
+    tracking server; every point runs once, on whichever machine took it."""
+    root, server = team
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["MLFLOW_TRACKING_URI"] = server.uri
+    cmd = [sys.executable, "-m", "stages.experiments.engine", "run", "--grid", "tiny"]
+    cmd += ["--prefix", "free", "--storage", f"sqlite:///{root / 'points.db'}"]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=root / machine,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for machine in ("a", "b")
+    ]
+    try:
+        outs = [proc.communicate(timeout=1200) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, out + err
+    said = "".join(out for out, _ in outs)
+    for name in ("free-baseline-s0", "free-dropout-0.5-s0"):
+        assert said.count(f"{name}: test accuracy") == 1, said
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("overfitting")
+    runs = client.search_runs([experiment.experiment_id], "tags.`dvc.exp_name` LIKE 'free-%'")
+    assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == [
+        "free-baseline-s0",
+        "free-dropout-0.5-s0",
+    ]
+
+
 def test_an_experiment_failing_inside_a_stage_is_named_and_exits_non_zero(team):
     """A wrong data.sha256 is valid params (64 hex digits): only the download stage, comparing
     it with the archive's, finds it wrong."""
@@ -549,3 +587,41 @@ with engine.beating(storage, [trial._trial_id]):
     assert trials[number].state == TrialState.FAIL
     [again] = [t for t in trials if t.state == TrialState.WAITING]
     assert again.params == killed.params and again.system_attrs["failed_trial"] == number
+
+
+def test_workers_sharing_a_storage_take_every_point_once(tmp_path, monkeypatch):
+    """A study or a path with --storage: its points are an Optuna grid, and workers (here two
+    threads, each two at a time) take the next point nobody has taken — no --shard; a point
+    whose experiment failed is not taken again, and a second pass finds nothing left."""
+    import threading
+    import time
+    from argparse import Namespace
+
+    todo = [(f"p-r{i}-s0", {"seed": 0, "model.dropout": i / 10}) for i in range(7)]
+    ran, lock = [], threading.Lock()
+
+    def fake_run(batch, jobs, tool):
+        with lock:
+            ran.extend(name for name, _ in batch)
+        time.sleep(0.2)
+        return [name for name, _ in batch if name == "p-r3-s0"]
+
+    monkeypatch.setattr(engine.dvcqueue, "run", fake_run)
+    args = Namespace(jobs=2, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    failed, errors = [], []
+
+    def worker() -> None:
+        try:
+            failed.extend(engine.take_points(todo, "p", args))
+        except Exception as exc:  # a worker that died would leave its share to the other
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=120)
+    assert errors == []
+    assert sorted(ran) == sorted(name for name, _ in todo)  # every point, once
+    assert failed == ["p-r3-s0"]
+    assert engine.take_points(todo, "p", args) == [] and len(ran) == len(todo)  # nothing left

@@ -15,8 +15,9 @@ run, nested under the pass's parent run (tag sweep.prefix) by the report.
   then the report of everything MLflow has under the prefix — the study's table
   (reports/<prefix>-<plan>.md, or the plan's `report:` file) or the path
   (reports/<prefix>-path.md, figures, -chosen.json).
-  `--shard i/n` runs the i-th of n disjoint parts of the list (one per machine), `--push` shares
-  the finished experiments (`dvc exp push`).
+  `--shard i/n` runs the i-th of n disjoint parts of the list (one per machine); with
+  `--storage`, the workers sharing it take the next point nobody has taken instead (take_points);
+  `--push` shares the finished experiments (`dvc exp push`).
 - A search (space): `--trials N` trials in all, counted in the Optuna study `<prefix>` of
   `--storage` (default: optuna.db at the repository root), so that running the command again
   continues the study. Its sampler is TPE, seeded; its pruner stops a trial at the epoch where its
@@ -34,6 +35,7 @@ that a study of that name was made with the same space. One line each.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -73,12 +75,97 @@ def shard(todo: list, spec: str | None) -> list:
 
 def run_grid(todo: list[tuple[str, dict]], args) -> list[str]:
     """Queue and run the experiments; the names of those that failed."""
-    print(f"{TOOL}: {len(todo)} experiments, {args.jobs} worker(s)", flush=True)
-    failed = dvcqueue.run(todo, args.jobs, TOOL)
+    if args.shared:
+        failed = take_points(todo, args.prefix_used, args)
+    else:
+        print(f"{TOOL}: {len(todo)} experiments, {args.jobs} worker(s)", flush=True)
+        failed = dvcqueue.run(todo, args.jobs, TOOL)
     finished = [name for name, _ in todo if name not in failed]
     if args.push and finished:  # git refs to the remote, outputs to the default DVC remote
         subprocess.run(["dvc", "exp", "push", args.push, *finished], check=True)
     return failed
+
+
+@contextmanager
+def claiming(url: str) -> Iterator[None]:
+    """One worker at a time takes a point. A database server does this itself (Optuna takes a
+    waiting trial under a row lock); on a SQLite file, two processes can take the same one, so
+    a file lock beside it orders them."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    with open(url[len("sqlite:///") :] + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def take_points(todo: list[tuple[str, dict]], prefix: str, args) -> list[str]:
+    """Workers on one machine or many sharing one --storage: each experiment is a trial of one
+    Optuna study; each worker takes the next point nobody has taken (the lower trial number wins
+    when two take one at once), --jobs at a time, runs them and tells how they ended, until every
+    point is taken, so a slow or dead machine holds up nothing (a dead worker's heartbeats stop,
+    and its points are taken again). The names that failed here."""
+    import hashlib
+
+    import optuna
+    from optuna.trial import TrialState
+
+    names, changes = [n for n, _ in todo], dict(todo)
+    key = hashlib.sha256(json.dumps(todo, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = storage_for(args.storage)
+    study = optuna.create_study(
+        study_name=f"{prefix}-grid-{key}",
+        storage=storage,
+        load_if_exists=True,
+    )
+
+    def taken() -> dict[str, int]:
+        """{name: trial number} of the points running, done, or failed in their experiment."""
+        found = {}
+        for t in study.get_trials(deepcopy=False):
+            ran = t.state in (TrialState.RUNNING, TrialState.COMPLETE) or (
+                t.state == TrialState.FAIL and t.user_attrs.get("experiment_failed")
+            )
+            if ran and "experiment" in t.params:
+                found.setdefault(t.params["experiment"], t.number)
+        return found
+
+    failed = []
+    print(
+        f"{TOOL}: {len(todo)} experiments in {study.study_name}, {args.jobs} at a time", flush=True
+    )
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's points: taken again
+        if set(taken()) >= set(names):
+            return failed
+        batch = {}
+        for _ in range(args.jobs):
+            with claiming(args.storage):
+                free = [n for n in names if n not in taken() and n not in batch]
+                if not free:
+                    break
+                study.enqueue_trial({"experiment": free[0]})
+                trial = study.ask()
+                name = trial.suggest_categorical("experiment", names)
+            if taken().get(name, trial.number) != trial.number or name in batch:
+                study.tell(trial, state=TrialState.FAIL)  # another worker took it first
+                continue
+            batch[name] = trial
+        if not batch:
+            continue
+        with beating(storage, [t._trial_id for t in batch.values()]):
+            failed_now = dvcqueue.run([(n, changes[n]) for n in batch], args.jobs, TOOL)
+        for name, trial in batch.items():
+            if name in failed_now:
+                trial.set_user_attr("experiment_failed", True)
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                study.tell(trial, 0.0)  # done: the report reads the results from MLflow
+        failed += failed_now
 
 
 # --- a search --------------------------------------------------------------------------------
@@ -98,15 +185,21 @@ def storage_for(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE
     not beaten for `grace` seconds (a killed process or machine) is failed by the next worker
     that looks, and its params queued again (RetryHeartbeatStaleTrialCallback)."""
     import optuna
+    import sqlalchemy
 
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=heartbeat,
-        grace_period=grace,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=3
-        ),
-    )
+    for attempt in range(3):  # two workers making a new storage's tables at once: one loses
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=3
+                ),
+            )
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
+            if not ("already exists" in str(exc) or "UNIQUE" in str(exc)) or attempt == 2:
+                raise
 
 
 @contextmanager
@@ -325,7 +418,10 @@ def main() -> None:
     args = parse_args()
     try:
         plan = plans.load(args.grid)
-        prefix = args.prefix or plan.prefix
+        prefix = args.prefix_used = args.prefix or plan.prefix
+        args.shared = args.storage is not None  # a grid's points taken through the storage
+        if args.shared and args.shard:
+            raise ParamsError("--storage shares the points out as workers are free: no --shard")
         args.storage = args.storage or default_storage()
         args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         extra = plans.parse_sets(args.set)
@@ -391,7 +487,11 @@ def parse_args() -> argparse.Namespace:
         "pass; use it with another --prefix",
     )
     parser.add_argument("--trials", type=int, help="a search: trials in all (counted in the study)")
-    parser.add_argument("--storage", help="a search: Optuna storage URL (default: optuna.db)")
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage URL: a search's study (default: optuna.db); for a study or a path, "
+        "workers sharing it take the next point nobody has taken",
+    )
     parser.add_argument("--shard", help="i/n: run only the i-th of n parts (one per machine)")
     parser.add_argument("--push", metavar="GIT_REMOTE", help="then dvc exp push the finished ones")
     parser.add_argument(
