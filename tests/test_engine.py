@@ -548,7 +548,46 @@ def test_a_search_runs_its_trials_as_dvc_experiments_and_mlflow_runs_and_continu
     assert len(study.trials) == 3
 
 
-def test_a_worker_killed_mid_trial_leaves_its_trial_failed_and_retried(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def postgres_cluster():
+    """A PostgreSQL cluster on a Unix socket (stages/tracking/server.py's, as `make
+    mlflow-server` starts it); skipped without PostgreSQL unless REQUIRE_POSTGRES=1."""
+    import shutil
+    import tempfile
+
+    from stages.errors import StageError
+    from stages.tracking import server
+
+    try:
+        server.pg_bin("initdb")
+    except StageError:
+        if os.environ.get("REQUIRE_POSTGRES") == "1":
+            raise
+        pytest.skip("PostgreSQL is not installed")
+    folder = Path(tempfile.mkdtemp(prefix="optuna-pg-", dir="/tmp"))
+    folder.chmod(0o755)
+    server.start_postgres(folder / "db")
+    yield folder / "db"
+    server.stop_postgres(folder / "db")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    """An empty Optuna storage: a SQLite file, or a new database of the PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'optuna.db'}"
+    from stages.tracking import server
+
+    folder = request.getfixturevalue("postgres_cluster")
+    name = f"optuna_{tmp_path.name.replace('-', '_').lower()}"
+    server.postgres("createdb", "-h", str(folder), "-U", server.ROLE, name)
+    return server.database_uri(folder, name)
+
+
+def test_a_worker_killed_mid_trial_leaves_its_trial_failed_and_retried(
+    tmp_path, monkeypatch, storage_url
+):
     """A worker (its engine, beating for its trials) SIGKILLed: once its heartbeats are older
     than the grace period, the next worker that looks fails the trial and queues its params
     again, so nothing is lost."""
@@ -559,7 +598,7 @@ def test_a_worker_killed_mid_trial_leaves_its_trial_failed_and_retried(tmp_path,
     from optuna.trial import TrialState
 
     plan = space_plan(tmp_path, monkeypatch)
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    url = storage_url
     engine.open_study(plan, "s", url)
     code = f"""
 import time, optuna
@@ -589,7 +628,7 @@ with engine.beating(storage, [trial._trial_id]):
     assert again.params == killed.params and again.system_attrs["failed_trial"] == number
 
 
-def test_workers_sharing_a_storage_take_every_point_once(tmp_path, monkeypatch):
+def test_workers_sharing_a_storage_take_every_point_once(tmp_path, monkeypatch, storage_url):
     """A study or a path with --storage: its points are an Optuna grid, and workers (here two
     threads, each two at a time) take the next point nobody has taken — no --shard; a point
     whose experiment failed is not taken again, and a second pass finds nothing left."""
@@ -607,7 +646,7 @@ def test_workers_sharing_a_storage_take_every_point_once(tmp_path, monkeypatch):
         return [name for name, _ in batch if name == "p-r3-s0"]
 
     monkeypatch.setattr(engine.dvcqueue, "run", fake_run)
-    args = Namespace(jobs=2, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    args = Namespace(jobs=2, storage=storage_url)
     failed, errors = [], []
 
     def worker() -> None:
