@@ -6,10 +6,12 @@
 # make bench:   epoch speed of the source's loop, the pipeline and pure compute; stage start-up;
 #               the cost around each experiment and the queue's throughput
 # make preset:  a named set of params as one DVC experiment (make preset PRESET=fast-gpu)
-# make study:   the regularization study as queued DVC experiments, then its table
-#               (e.g. make study STUDY_ARGS="--seeds 0 1")
-# make sweep:   each technique of grids/sweep.yaml at a range of strengths, then its report
-#               (e.g. make sweep SWEEP_ARGS="--jobs 2 --shard 1/3"; docs/experiments.md#sweeps)
+# make study:   the regularization study (plans/regularization.yaml) as queued DVC experiments
+#               (JOBS workers, default 2), then its table (e.g. make study STUDY_ARGS="--seeds 0,1")
+# make sweep:   each technique of plans/sweep.yaml at a range of strengths (JOBS workers, default
+#               2), then its report (e.g. make sweep JOBS=1 SWEEP_ARGS="--shard 1/3")
+# make search:  a joint search with pruning (e.g. make search SEARCH_ARGS="--grid joint --trials 200");
+#               make optuna-dashboard: its live view (docs/experiments.md#plans-studies-paths-and-searches-one-command)
 # make train-ddp NPROC=2:  the train stage as N data-parallel processes (torchrun; gloo on CPUs)
 # make mlflow-server:      a team tracking server on PostgreSQL, on loopback (docs/scaling-out.md)
 VENV   := .venv
@@ -20,7 +22,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # No network access but the data download: no usage telemetry from MLflow.
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install run test lint format study sweep bench preset lock clean-venv train-ddp mlflow-server
+.PHONY: install run test lint format study sweep search optuna-dashboard bench preset lock clean-venv train-ddp mlflow-server
 
 install: $(STAMP)
 
@@ -44,13 +46,24 @@ format: install
 	ruff check --fix .
 	ruff format .
 
+# Queue workers of make study and make sweep (a --jobs in STUDY_ARGS / SWEEP_ARGS wins).
+JOBS ?= 2
 STUDY_ARGS ?=
 study: install
-	python -m stages.experiments.study run $(STUDY_ARGS)
+	python -m stages.experiments.engine run --grid regularization --jobs $(JOBS) $(STUDY_ARGS)
 
 SWEEP_ARGS ?=
 sweep: install
-	python -m stages.experiments.sweep run $(SWEEP_ARGS)
+	python -m stages.experiments.engine run --grid sweep --jobs $(JOBS) $(SWEEP_ARGS)
+
+SEARCH_ARGS ?= --grid joint --trials 200
+search: install
+	python -m stages.experiments.engine run --jobs $(JOBS) $(SEARCH_ARGS)
+
+# The searches' Optuna storage, live, on 127.0.0.1:8080 (STORAGE: another --storage URL).
+STORAGE ?= sqlite:///$(CURDIR)/optuna.db
+optuna-dashboard: install
+	optuna-dashboard "$(STORAGE)" --host 127.0.0.1 --port 8080
 
 PRESET ?= fast-gpu
 preset: install

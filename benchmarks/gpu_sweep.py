@@ -5,8 +5,8 @@ or MLflow: for a GPU machine that has neither.
                                    [--techniques a,b] [--set key=value ...] [--workers 4]
                                    [--out reports]
 
-Every point of stages/experiments/grids/<grid>.yaml (the same names and params as
-`python -m stages.experiments.sweep run` would queue) runs in a folder of its own under
+Every point of the plan stages/experiments/plans/<grid>.yaml (the same names and params as
+`python -m stages.experiments.engine run --grid <grid>` would queue) runs in a folder of its own under
 data/gpu-sweep/<prefix>/<name>/, as `dvc repro` would run it: params.yaml written there, then
 augment.main(), train.main() and evaluate.main() — the stages' own code, with the MLflow calls
 replaced by nothing (the runs are not tracked) and the evaluate stage's model moved to the GPU.
@@ -15,7 +15,7 @@ The download stage runs once, in the repository (the bundled CIFAR-10 by default
 `--workers` points run at once, each its own process on the same GPU (a tiny network leaves
 most of an H200 idle; several processes fill it). Writes <out>/<prefix>-runs.json (every point's
 params, train and evaluate metrics and seconds, as each finishes) and the path report of
-stages/experiments/path.py from those runs: <out>/<prefix>-path.md, -chosen.json and figures.
+stages/experiments/reports/path.py from those runs: <out>/<prefix>-path.md, -chosen.json and figures.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages import io as sio, params as P  # noqa: E402
-from stages.experiments import path as report, sweep  # noqa: E402
+from stages.experiments import plan as plans  # noqa: E402
+from stages.experiments.reports import path as report  # noqa: E402
 
 WORK = REPO / "data" / "gpu-sweep"
 
@@ -128,12 +129,12 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    grid = sweep.load(args.grid)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(grid.seeds)
-    techniques = sweep.select(grid, args.techniques)
-    extra = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
-    todo = sweep.points(grid, techniques, seeds, args.prefix, extra)
-    sweep.check(todo, P.read_yaml(REPO / "params.yaml"))
+    base = P.read_yaml(REPO / "params.yaml")
+    plan = plans.load(args.grid, base)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(plan.seeds)
+    techniques = plans.select(plan, args.techniques)
+    extra = plans.parse_sets(args.set)
+    todo = plans.experiments(plan, techniques, seeds, args.prefix, extra, base)
 
     os.chdir(REPO)
     if not args.report_only and not (REPO / "data" / "raw" / "meta.json").exists():
@@ -163,7 +164,7 @@ def main() -> None:
                 flush=True,
             )
     by_name = {r["name"]: as_mlflow_run(r) for r in records}
-    files, _, _ = report.write_report(report.load_sweep(args.grid), by_name, args.prefix, args.out)
+    files, _, _ = report.write_report(plan, by_name, args.prefix, args.out)
     print("wrote", ", ".join(str(f) for f in files))
 
 

@@ -49,7 +49,7 @@ from stages.errors import StageError
 from stages.networks import feature_cache, freeze, predict, registry, tasks, weights
 from stages.networks.build import build_model, channel_mean_std, network
 from stages.runtime import cpu_threads, repo_root, resolve_device
-from stages.tracking import runs, store
+from stages.tracking import runs, store, trial
 
 PREPARED = Path("data/prepared")
 MODEL = Path("models/model.pt")
@@ -98,7 +98,7 @@ def main() -> None:
             log_start(model, proc)
             if state.run_id:  # a kill between an epoch's logging and its checkpoint
                 state.logged_epochs = runs.last_step(run.info.run_id, "val_accuracy")
-        fit(params, data, model, state, proc, run, checkpoint)
+        fit(params, data, model, state, proc, run, checkpoint, trial.for_this_run())
         if proc.logs:
             write_outputs(params, data, model, state, run)
     if proc.logs:
@@ -242,6 +242,7 @@ class Training:
     run_id: str | None = None  # the MLflow run of an interrupted training that is being resumed
     logged_epochs: int = 0  # of a resumed run: the epochs its MLflow run already has
     averaged: AveragedModel | None = None  # train.ema_decay / swa_start_epoch: the weights' average
+    pruned: bool | None = None  # a search's trial: whether its pruner stopped it (else None)
 
 
 def set_up_training(params: P.Params, data: Data, model: Model) -> Training:
@@ -333,10 +334,18 @@ def fit(
     proc: Process,
     run,
     checkpoint: Path,
+    search_trial: trial.Trial | None = None,
 ) -> None:
     """The epoch loop: train, measure the clean training and validation sets, stop early.
-    With weight averaging, what is measured (and kept as the best epoch) is the average."""
+    With weight averaging, what is measured (and kept as the best epoch) is the average.
+    A search's trial hears every epoch's validation accuracy, and its pruner may stop it."""
     t, stopping = params.train, params.train.early_stopping.enabled
+    if search_trial is not None:
+        if proc.world > 1:
+            raise errors.ParamsError(
+                "a search's trial trains in one process: train.nproc must be 1"
+            )
+        state.pruned = False
     restore_best = stopping and params.train.early_stopping.restore_best
     shard = (proc.rank, proc.world)
     for epoch in range(len(state.history) + 1, t.epochs + 1):
@@ -375,6 +384,10 @@ def fit(
                     f"{state.stopper.patience} epochs; best epoch {state.stopper.best_epoch}",
                     flush=True,
                 )
+            break
+        if search_trial is not None and search_trial.should_stop(epoch, row["val_accuracy"]):
+            state.pruned = True
+            print(f"pruned: trial {search_trial.number} stops after epoch {epoch}", flush=True)
             break
 
 
@@ -459,6 +472,7 @@ def write_outputs(params: P.Params, data: Data, model: Model, state: Training, r
         "best_epoch": stopper.best_epoch,
         "num_parameters": predict.count_parameters(net),
         "trainable_parameters": trainable_parameters(net),
+        **({} if state.pruned is None else {"pruned": int(state.pruned)}),  # a search's trial
     }
     net.cpu()  # saved and logged as a CPU model
     sio.save_torch(
@@ -476,6 +490,8 @@ def write_outputs(params: P.Params, data: Data, model: Model, state: Training, r
     sio.write_json(RUN, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
 
     runs.log_metrics({f"final_{k}": v for k, v in summary.items()})
+    if state.pruned is not None:
+        runs.set_tags({"optuna.pruned": str(state.pruned).lower()})
     for path in [P.PARAMS_FILE, METRICS, CURVES, CURVES_PNG]:
         runs.log_artifact(path)
     runs.log_model(net.eval(), to_float(data.val_x[:2].cpu()), MODEL)

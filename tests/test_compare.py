@@ -65,12 +65,14 @@ def test_report_holds_every_run_and_the_params_that_differ(workdir, pickle_archi
     assert len(two) == 4 and two[2].startswith("| slow |") and two[3].startswith("| dropout |")
 
 
-def test_prefix_names_the_files(tmp_path, monkeypatch):
-    """--prefix P: reports/P-comparison.md, P-curves.png, P-gap.png, on runs made directly."""
+def test_prefix_selects_the_runs_and_names_the_files(tmp_path, monkeypatch):
+    """--prefix P: the runs of DVC experiments P-… only (issue 28: it named the files and
+    compared every run), in reports/P-comparison.md, P-curves.png, P-gap.png."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("overfitting", (tmp_path / "mlruns").as_uri())
-    for name, train_acc, test_acc in [("at-chance", 0.1002, 0.1001), ("learns", 0.90, 0.45)]:
+    runs = [("P-at-chance", 0.1002, 0.1001), ("P-learns", 0.90, 0.45), ("other", 0.5, 0.4)]
+    for name, train_acc, test_acc in runs:
         run = client.create_run(experiment, run_name=name, tags={"dvc.exp_name": name})
         for epoch in (1, 2, 3):
             client.log_metric(run.info.run_id, "val_accuracy", test_acc, step=epoch)
@@ -93,8 +95,9 @@ def test_prefix_names_the_files(tmp_path, monkeypatch):
         "P-gap.png",
     ]
     table = (tmp_path / "reports/P-comparison.md").read_text()
-    assert "| at-chance | 10.0% | 10.0% | 10.0% | +0.0 pt |" in table
-    assert "| learns | 90.0% | 45.0% | 45.0% | +45.0 pt |" in table
+    assert "| P-at-chance | 10.0% | 10.0% | 10.0% | +0.0 pt |" in table
+    assert "| P-learns | 90.0% | 45.0% | 45.0% | +45.0 pt |" in table
+    assert "other" not in table
 
 
 def test_the_gap_axis_does_not_zoom_onto_noise():

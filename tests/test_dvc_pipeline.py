@@ -14,7 +14,7 @@ from conftest import TINY, copy_repo, write_params
 from mlflow.tracking import MlflowClient
 
 from stages import io as sio
-from stages.experiments import dvcqueue, study
+from stages.experiments import dvcqueue, plan as plans
 
 BIN = Path(sys.executable).parent  # the venv's: dvc, and the `python` that DVC's stages call
 
@@ -239,8 +239,9 @@ def test_dvc_itself_refuses_a_plain_typo(repo):
 
 
 def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pickle_archive):
-    """`make study`'s command on tiny data, two workers: every run lands complete in MLflow, the
-    runs overlap in time, and the table and the comparison report hold every run."""
+    """`make study`'s command (the engine on the study's plan) on tiny data, two workers: every
+    run lands complete in MLflow, the runs overlap in time, and the table and the comparison
+    report hold every run."""
     ok(repo, "git", "add", "-A")
     ok(repo, "git", "commit", "-q", "--allow-empty", "-m", "before the queue")
     rows = ["baseline", "dropout", "l2"]
@@ -249,8 +250,10 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
             repo,
             "python",
             "-m",
-            "stages.experiments.study",
+            "stages.experiments.engine",
             "run",
+            "--grid",
+            "regularization",
             "--rows",
             ",".join(rows),
             "--seeds",
@@ -259,8 +262,6 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
             "2",
             "--prefix",
             "tiny",
-            "--out",
-            "reports/tiny-study.md",
             "--set",
             "train.epochs=3",
             "--set",
@@ -277,12 +278,8 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
     for row, name in zip(rows, names):
         run = by_name[name]
         assert run.info.run_name == name and run.info.status == "FINISHED"
-        expected = study.overrides(
-            study.load_grid("regularization"),
-            row,
-            0,
-            extra={"train.epochs": 3, "data.train_size": None},
-        )
+        extra = {"train.epochs": 3, "data.train_size": None}
+        [(_, expected)] = plans.experiments(plans.load("regularization"), [row], [0], "tiny", extra)
         for key, value in expected.items():
             assert run.data.params[key] == str(value), key
         assert run.data.tags["dvc.baseline_rev"] == head
@@ -311,7 +308,7 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
         # ... and each training took its share of this machine's cores, not all of them.
         assert max(1, cores // 2) in threads
 
-    table = (repo / "reports/tiny-study.md").read_text()
+    table = (repo / "reports/tiny-regularization.md").read_text()
     assert (
         all(f"| {row} |" in table for row in rows)
         and "| dropout | model.dropout=0.5 | 1 |" in table

@@ -1,4 +1,5 @@
-"""The regularization-path report, on runs made directly in a scratch MLflow store (no training)."""
+"""The regularization-path report (stages/experiments/reports/path.py), on runs made directly in a
+scratch MLflow store (no training)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from stages import params as P
 from stages.errors import ParamsError
-from stages.experiments import path
+from stages.experiments import plan as plans
+from stages.experiments.reports import path
 
 T975 = {1: 12.706205, 2: 4.302653}  # Student's t, 97.5% quantile, by degrees of freedom (tables)
 
@@ -85,7 +87,7 @@ def l2_sweep(tmp_path, store, runs=RUNS, skip=()):
 
 
 def build(tmp_path, store, grid):
-    return path.build(grid, "sw", tmp_path / "reports", store[0], "overfitting")
+    return path.build(plans.load(grid), "sw", tmp_path / "reports", store[0], "overfitting")
 
 
 def row(report: str, first_cell: str) -> list[str]:
@@ -171,6 +173,40 @@ def test_when_the_baseline_wins_on_validation_the_report_says_so(tmp_path, mlflo
     assert row(text, "**baseline (none) ✓**")[0] == "**baseline (none) ✓**"
     chosen = json.loads((tmp_path / "reports/sw-chosen.json").read_text())["l2"]
     assert chosen["baseline"] is True and chosen["value"] == 0.0 and chosen["changes"] == {}
+
+
+def test_the_report_shows_only_the_techniques_that_ran(tmp_path, mlflow_store):
+    """Issue 28: a quick pass of two techniques listed the ten others as 'No finished runs'."""
+    l2_sweep(tmp_path, mlflow_store)
+    dropout = {"param": "model.dropout", "values": [0.5], "scale": "linear"}
+    l2 = {"param": "train.l2", "values": [1e-4, 1e-3], "scale": "log"}
+    grid = write_grid(tmp_path, techniques={"dropout": dropout, "l2": l2})
+    text = build(tmp_path, mlflow_store, grid).read_text()
+    assert "## l2 (`train.l2`)" in text
+    assert "dropout" not in text and "No finished runs" not in text
+    assert "Built from 9 finished runs." in text
+    assert not (tmp_path / "reports/sw-path-dropout.png").exists()
+
+
+def test_a_committed_report_is_kept_when_the_new_one_has_fewer_runs(tmp_path, mlflow_store):
+    import subprocess
+
+    grid = l2_sweep(tmp_path, mlflow_store)
+    report = build(tmp_path, mlflow_store, grid)
+    full = report.read_text()
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    git("add", "reports")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the report")
+    _, client, experiment_id = mlflow_store
+    for run in client.search_runs([experiment_id], "tags.`dvc.exp_name` = 'sw-l2-0.001-s2'"):
+        client.delete_run(run.info.run_id)
+    with pytest.raises(ParamsError, match="8 runs where the committed file has 9"):
+        build(tmp_path, mlflow_store, grid)
+    assert report.read_text() == full
+    plan = plans.load(grid)
+    path.build(plan, "sw", tmp_path / "reports", mlflow_store[0], "overfitting", force=True)
+    assert "Built from 8 finished runs." in report.read_text()
 
 
 def test_a_missing_seed_pairs_only_the_seeds_both_have(tmp_path, mlflow_store):
@@ -266,7 +302,8 @@ def test_a_learning_curve_compares_with_the_first_recipe_at_the_same_size(tmp_pa
             },
         },
     )
-    text = path.build(grid, "lc", tmp_path / "reports", mlflow_store[0], "overfitting").read_text()
+    plan = plans.load(grid)
+    text = path.build(plan, "lc", tmp_path / "reports", mlflow_store[0], "overfitting").read_text()
     assert "baseline (none)" not in text
     assert row(text, "1000")[8] == "reference"  # plain's rows: the reference itself
     flip = text.split("## flip")[1]
@@ -283,30 +320,8 @@ def test_a_learning_curve_compares_with_the_first_recipe_at_the_same_size(tmp_pa
     assert (tmp_path / "reports/lc-path-flip.png").exists()
 
 
-def test_a_grid_with_a_typo_is_refused_in_one_line(tmp_path):
-    bad = tmp_path / "grid.yaml"
-    bad.write_text(yaml.safe_dump({**GRID, "techniqes": {}}))
-    with pytest.raises(ParamsError, match="unknown: techniqes"):
-        path.load_sweep(str(bad))
-    with pytest.raises(ParamsError, match="no grid 'nope'"):
-        path.load_sweep("nope")
-
-
-def test_names_label_strengths_as_the_sweep_names_them():
-    from stages.experiments import sweep
-
-    assert [sweep.label(v) for v in (1e-5, 0.5, 20, None, True, False)] == [
-        "1e-05",
-        "0.5",
-        "20",
-        "none",
-        "true",
-        "false",
-    ]
-
-
-def test_the_committed_sweep_grid_loads():
-    sweep = path.load_sweep("sweep")
+def test_the_committed_sweep_plan_loads():
+    sweep = plans.load("sweep")
     assert sweep.baseline and sweep.seeds == (0, 1, 2)
     early = next(t for t in sweep.techniques if t.name == "early-stopping")
     assert early.points[0] == (
@@ -334,9 +349,11 @@ def test_the_strength_is_read_from_the_logged_params_not_the_name(tmp_path, mlfl
     )
 
 
-def test_the_command_line_refuses_an_unknown_grid_in_one_line(monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", ["path", "--grid", "nope"])
+def test_the_command_line_refuses_an_unknown_plan_in_one_line(monkeypatch):
+    from stages.experiments import engine
+
+    monkeypatch.setattr("sys.argv", ["engine", "report", "--grid", "nope"])
     with pytest.raises(SystemExit) as exit_:
-        path.main()
-    assert str(exit_.value).startswith("error (path): no grid 'nope' (known: ")
+        engine.main()
+    assert str(exit_.value).startswith("error (engine): no plan 'nope' (known: ")
     assert "\n" not in str(exit_.value)

@@ -3,7 +3,8 @@
     python -m stages.experiments.compare                          # every finished run of mlflow.experiment
     python -m stages.experiments.compare --exps exp-a,exp-b       # the MLflow runs of these DVC experiments
     python -m stages.experiments.compare --experiment other --out reports/other
-    python -m stages.experiments.compare --prefix sweep           # reports/sweep-comparison.md, -curves.png, -gap.png
+    python -m stages.experiments.compare --prefix sweep           # the runs of DVC experiments sweep-…:
+                                                                  # reports/sweep-comparison.md, -curves.png, -gap.png
 
 The table has one row per run: its name (the DVC experiment's, when it came from one), the params
 whose values differ between the runs, train / validation / test accuracy (percent), the gap
@@ -22,31 +23,30 @@ import sys
 from pathlib import Path
 
 from stages import io as sio, params as P
+from stages.experiments import reports
 from stages.tracking import store
 
 
-def find_runs(client, experiment: str, exps: list[str] | None):
+def find_runs(client, experiment: str, exps: list[str] | None, prefix: str | None = None):
+    """The finished, evaluated runs of `exps` (DVC experiment names, in that order), else those
+    named `<prefix>-…`, else every one of the MLflow experiment; oldest first."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         sys.exit(
             f"error (compare): no MLflow experiment named {experiment!r} in {client.tracking_uri}"
         )
-    runs = client.search_runs(
-        [found.experiment_id],
-        "attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"],
-        max_results=5000,
-    )
-    runs = [r for r in runs if "test_accuracy" in r.data.metrics]
+    by_name = reports.finished_runs(client, found.experiment_id, None if exps else prefix)
     if exps:
-        by_name = {r.data.tags.get("dvc.exp_name", r.info.run_name): r for r in runs}  # latest wins
         missing = [e for e in exps if e not in by_name]
         if missing:
             sys.exit(f"error (compare): no finished MLflow run for DVC experiments {missing}")
-        runs = [by_name[e] for e in exps]
-    if not runs:
-        sys.exit(f"error (compare): experiment {experiment!r} has no finished, evaluated runs")
-    return runs
+        return [by_name[e] for e in exps]
+    if not by_name:
+        named = f" named {prefix}-…" if prefix else ""
+        sys.exit(
+            f"error (compare): experiment {experiment!r} has no finished, evaluated runs{named}"
+        )
+    return sorted(by_name.values(), key=lambda r: r.info.start_time)
 
 
 def differing_params(runs) -> list[str]:
@@ -189,7 +189,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument(
         "--prefix",
-        help="name the files <prefix>-comparison.md, <prefix>-curves.png, <prefix>-gap.png",
+        help="the runs of DVC experiments <prefix>-… (unless --exps names them), in files "
+        "<prefix>-comparison.md, <prefix>-curves.png, <prefix>-gap.png",
     )
     args = parser.parse_args()
 
@@ -201,6 +202,7 @@ def main() -> None:
         client,
         args.experiment or params.mlflow.experiment,
         args.exps.split(",") if args.exps else None,
+        args.prefix,
     )
     files = [named(f, args.prefix) for f in ("comparison.md", "curves.png", "gap.png")]
     sio.write_text(args.out / files[0], table(runs))

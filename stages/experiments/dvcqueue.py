@@ -1,6 +1,6 @@
 """Run named experiments through DVC's queue, and say how each one ended as it ends.
 
-The study (study.py) and the sweep (sweep.py) both hand `run` a list of (name, params changes):
+The engine (engine.py) hands `run` a list of (name, params changes):
 each becomes `dvc exp run --queue -n <name> -S key=value ...`, the queue runs with
 `dvc queue start -j N`, and while it runs every experiment that ends prints one line — its name,
 test accuracy and minutes, or, when it failed, the first error line of its log. `run` returns the
@@ -116,26 +116,13 @@ def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10) -> list[str]
 
 def result_line(name: str) -> str:
     """Test accuracy and minutes (train + evaluate) of the experiment's MLflow run."""
-    from mlflow.tracking import MlflowClient
+    from stages.experiments import reports
 
-    from stages.tracking import store
-
-    params = P.load()
-    client = MlflowClient(store.tracking_uri(params.mlflow))
-    experiment = client.get_experiment_by_name(params.mlflow.experiment)
-    runs = (
-        client.search_runs(
-            [experiment.experiment_id],
-            f"tags.`dvc.exp_name` = '{name}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if experiment
-        else []
-    )
-    if not runs or "test_accuracy" not in runs[0].data.metrics:
+    client, experiment_id, _, _ = reports.open_experiment()
+    found = reports.finished_runs(client, experiment_id, name=name) if experiment_id else {}
+    run = found.get(name)
+    if run is None:
         return "finished, but no evaluated MLflow run of that name"
-    run = runs[0]
     minutes = (run.info.end_time - run.info.start_time) / 60000
     return f"test accuracy {100 * run.data.metrics['test_accuracy']:.1f}%, {minutes:.1f} min"
 

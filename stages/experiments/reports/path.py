@@ -1,9 +1,7 @@
-"""The regularization path: each technique of a sweep grid at every strength, against the baseline.
+"""The regularization path: each technique of a `techniques` plan at every strength, against the
+baseline (stages/experiments/engine.py builds it after a run, and on `report`).
 
-    python -m stages.experiments.path [--grid sweep] [--prefix sweep] [--out reports]
-
-reads the finished runs of a sweep grid (stages/experiments/grids/sweep.yaml, queued by the sweep
-command) back from MLflow by their DVC experiment names, and writes:
+Reads the plan's finished runs back from MLflow by their DVC experiment names and writes:
 
 - reports/<prefix>-path-<technique>.png: train accuracy, test accuracy and the gap (train − test)
   against the strength, mean over seeds with a ±1 std band; the baseline (no regularization,
@@ -13,29 +11,27 @@ command) back from MLflow by their DVC experiment names, and writes:
   validation and test accuracy and the gap, and the paired differences with the baseline, seed by
   seed (the same seed is the same split, subset and initialization, so the pairing removes their
   share of the noise): Δtest and Δgap with a 95% t-interval over seeds, and a verdict (helps /
-  hurts / within noise: whether the interval of Δtest excludes 0).
+  hurts / within noise: whether the interval of Δtest excludes 0). Only techniques with finished
+  runs are shown.
 - reports/<prefix>-chosen.json: each technique's strength with the highest mean *validation*
   accuracy (the baseline included), its validation and test accuracy and seeds, to rerun the
   chosen strengths with more seeds. The test set plays no part in the choice: choosing on it
   would make the test accuracy of the chosen strength an optimistic estimate.
 
-The three files are also artifacts of one MLflow parent run of the sweep (run name <prefix>, tag
-sweep.prefix), found again and reused when the report is rebuilt; each run of the sweep gets the
-tag mlflow.parentRunId, so the MLflow UI nests them under it.
+The files are also artifacts of the pass's MLflow parent run (stages/experiments/reports), under
+which every run of the path is nested.
 
-A grid with `baseline: false` is a learning curve: its techniques are recipes, x is the training
+A plan with `baseline: false` is a learning curve: its techniques are recipes, x is the training
 set size (data.train_size; null = the whole training set, derived as described in
-`train_images`), and each recipe is compared with the grid's first recipe at the same x.
+`train_images`), and each recipe is compared with the plan's first recipe at the same x.
 
 How to read the report, and its limits: docs/paths.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +40,8 @@ from scipy import stats
 
 from stages import io as sio, params as P
 from stages.errors import ParamsError
-from stages.experiments import sweepgrid
-from stages.tracking import store
+from stages.experiments import plan as plans, reports
 
-GRIDS_DIR = Path(__file__).parent / "grids"
 METRICS = {  # the columns, and the MLflow metric each reads (fractions; shown in percent)
     "train": "final_train_accuracy",
     "validation": "final_val_accuracy",
@@ -58,59 +52,18 @@ COLOURS = {"train": "tab:blue", "test": "tab:orange", "gap": "tab:red"}
 CIFAR10_TRAIN_PER_CLASS = 5000  # the bundled and the official CIFAR-10: 10 classes × 5,000
 
 
-@dataclass(frozen=True)
-class Technique:
-    """One path of the grid: `param` at each point; a point is the changes one experiment makes."""
-
-    name: str
-    param: str
-    scale: str  # "log" or "linear": the figure's x axis
-    points: tuple[tuple[str, dict], ...]  # (label in the experiment's name, changes)
-
-
-@dataclass(frozen=True)
-class Sweep:
-    name: str
-    regime: dict
-    seeds: tuple[int, ...]
-    baseline: bool  # True: <prefix>-baseline-s<seed> is every path's zero; False: a learning curve
-    techniques: tuple[Technique, ...]
-
-
-def load_sweep(grid: str | Path) -> Sweep:
-    """grids/<grid>.yaml (or a path to a YAML file) as the sweep command reads it
-    (stages/experiments/sweep.py: its shape checked, a typo stops there)."""
-    g = sweepgrid.load(grid)
-    techniques = tuple(
-        Technique(
-            name, param, g.scales[name], tuple((sweepgrid.label(c[param]), c) for c in changes)
-        )
-        for name, (param, changes) in g.techniques.items()
-    )
-    return Sweep(g.name, g.regime, tuple(g.seeds), bool(g.baseline), techniques)
+Technique = plans.Technique
 
 
 def exp_name(prefix: str, technique: str, point_label: str, seed: int) -> str:
-    return f"{prefix}-{technique}-{point_label}-s{seed}"
+    return plans.exp_name(prefix, f"{technique}-{point_label}", seed)
 
 
 def baseline_name(prefix: str, seed: int) -> str:
-    return f"{prefix}-baseline-s{seed}"
+    return plans.exp_name(prefix, "baseline", seed)
 
 
 # --- reading the runs ------------------------------------------------------------------------
-
-
-def finished_runs(client, experiment_id: str, prefix: str) -> dict:
-    """{DVC experiment name: its latest FINISHED, evaluated run} (as study.table finds them)."""
-    runs = client.search_runs(
-        [experiment_id], f"tags.`dvc.exp_name` LIKE '{prefix}-%'", max_results=50000
-    )
-    by_name = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time):  # the latest run of a name wins
-        if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
-            by_name[run.data.tags["dvc.exp_name"]] = run
-    return by_name
 
 
 def train_images(run) -> int:
@@ -125,7 +78,7 @@ def train_images(run) -> int:
         raise ParamsError(
             f"run {run.data.tags.get('dvc.exp_name')}: data.train_size is null and data.source "
             f"{p.get('data.source')!r} is not CIFAR-10, so its training set size is unknown: "
-            "give data.train_size explicitly in the grid"
+            "give data.train_size explicitly in the plan"
         )
     per_class = CIFAR10_TRAIN_PER_CLASS - round(
         CIFAR10_TRAIN_PER_CLASS * float(p["data.val_fraction"])
@@ -175,15 +128,15 @@ class Point:
         return statistics.stdev(v) if len(v) > 1 else 0.0
 
 
-def collect(sweep: Sweep, by_name: dict, prefix: str):
+def collect(plan: plans.Plan, by_name: dict, prefix: str):
     """The baseline's Point (None without one) and, per technique, its Points with runs."""
     paths = {}
-    for t in sweep.techniques:
+    for t in plan.techniques:
         points = []
         for point_label, _ in t.points:
             found = {
                 s: by_name[exp_name(prefix, t.name, point_label, s)]
-                for s in sweep.seeds
+                for s in plan.seeds
                 if exp_name(prefix, t.name, point_label, s) in by_name
             }
             if found:
@@ -191,8 +144,8 @@ def collect(sweep: Sweep, by_name: dict, prefix: str):
                     Point(point_label, strength(next(iter(found.values())), t.param), found)
                 )
         paths[t.name] = points
-    names = {s: baseline_name(prefix, s) for s in sweep.seeds}
-    found = {s: by_name[n] for s, n in names.items() if n in by_name} if sweep.baseline else {}
+    names = {s: baseline_name(prefix, s) for s in plan.seeds}
+    found = {s: by_name[n] for s, n in names.items() if n in by_name} if plan.baseline else {}
     baseline = Point("baseline", math.nan, found) if found else None
     return baseline, paths
 
@@ -245,12 +198,14 @@ def choose(points: list[Point], baseline: Point | None) -> Point:
     return max(candidates, key=lambda p: p.mean("validation"))
 
 
-def reference_for(point: Point, sweep: Sweep, baseline: Point | None, paths: dict) -> Point | None:
+def reference_for(
+    point: Point, plan: plans.Plan, baseline: Point | None, paths: dict
+) -> Point | None:
     """What a point is compared with: the baseline; in a learning curve (baseline: false), the
-    grid's first recipe at the same x."""
-    if sweep.baseline:
+    plan's first recipe at the same x."""
+    if plan.baseline:
         return baseline
-    first = paths[sweep.techniques[0].name]
+    first = paths[plan.techniques[0].name]
     return next((p for p in first if p is not point and math.isclose(p.x, point.x)), None)
 
 
@@ -293,11 +248,11 @@ def row_verdict(is_reference: bool, ref: Point | None, dtest: Difference | None)
     return verdict(dtest) if ref else "no reference run"
 
 
-def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen: dict) -> str:
-    against = "the baseline" if sweep.baseline else f"{sweep.techniques[0].name} at the same x"
+def table(plan: plans.Plan, prefix: str, baseline: Point | None, paths: dict, chosen: dict) -> str:
+    against = "the baseline" if plan.baseline else f"{plan.techniques[0].name} at the same x"
     lines = [
-        f"# {prefix}: {'the regularization path' if sweep.baseline else 'learning curves'} "
-        f"(grid {sweep.name})",
+        f"# {prefix}: {'the regularization path' if plan.baseline else 'learning curves'} "
+        f"(plan {plan.name})",
         "",
         f"Percent throughout: mean ± std over seeds. Δtest and Δgap: paired differences with "
         f"{against}, seed by seed (same seed = same split, subset and initialization), mean "
@@ -306,32 +261,31 @@ def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen
         + (
             "✓ = chosen: the highest mean validation accuracy (the test set takes no part in "
             "the choice). "
-            if sweep.baseline
+            if plan.baseline
             else ""
         )
         + "Gap = train − test.",
     ]
     header = ["seeds", "train", "validation", "test", "gap", "Δtest", "Δgap", "verdict"]
-    for t in sweep.techniques:
+    for t in plan.techniques:
         points = paths[t.name]
-        lines += ["", f"## {t.name} (`{t.param}`)", ""]
-        if not points:
-            lines.append("No finished runs yet.")
+        if not points:  # not asked for in this pass, or not finished: not shown
             continue
+        lines += ["", f"## {t.name} (`{t.param}`)", ""]
         x = "training images" if t.param == "data.train_size" else "strength"
         lines += ["| " + " | ".join([x, *header]) + " |", "|" + "---|" * (1 + len(header))]
         rows = ([baseline] if baseline else []) + points
-        reference_path = None if sweep.baseline else sweep.techniques[0]
+        reference_path = None if plan.baseline else plan.techniques[0]
         for point in rows:
             is_baseline = point is baseline
             name = "baseline (none)" if is_baseline else shown(point, t)
-            ref = None if is_baseline else reference_for(point, sweep, baseline, paths)
+            ref = None if is_baseline else reference_for(point, plan, baseline, paths)
             dtest, dgap = (
                 (paired(point, ref, "test"), paired(point, ref, "gap")) if ref else (None, None)
             )
             cells = [
                 f"**{name} ✓**" if point is chosen[t.name] else name,
-                _seeds(point, sweep.seeds),
+                _seeds(point, plan.seeds),
                 _pm(point, "train"),
                 _pm(point, "validation"),
                 _pm(point, "test"),
@@ -357,12 +311,15 @@ def table(sweep: Sweep, prefix: str, baseline: Point | None, paths: dict, chosen
                 f"{best.mean('validation'):.1f}%, test {best.mean('test'):.1f}%, "
                 f"seeds {', '.join(map(str, sorted(best.runs)))})."
             )
-    return "\n".join(lines) + "\n"
+    runs = len(baseline.runs if baseline else {}) + sum(
+        len(p.runs) for points in paths.values() for p in points
+    )
+    return "\n".join([*lines, "", reports.RUNS_LINE.format(n=runs)]) + "\n"
 
 
-def chosen_json(sweep: Sweep, baseline: Point | None, chosen: dict) -> dict:
+def chosen_json(plan: plans.Plan, baseline: Point | None, chosen: dict) -> dict:
     out = {}
-    for t in sweep.techniques:
+    for t in plan.techniques:
         best = chosen.get(t.name)
         if best is None:
             continue
@@ -467,125 +424,63 @@ def figure(
     plt.close(fig)
 
 
-# --- MLflow ----------------------------------------------------------------------------------
-
-
-def parent_run(client, experiment_id: str, prefix: str, grid: str) -> str:
-    """The sweep's parent run (tag sweep.prefix = prefix): the one made before, else a new one.
-    Two machines that finish their shards together may each make one; every report keeps the
-    oldest (start time, then run id: the same answer everywhere) and deletes the others."""
-    query = f"tags.`sweep.prefix` = '{prefix}'"
-
-    def oldest_and_deleted() -> str | None:
-        runs = client.search_runs([experiment_id], query, max_results=1000)
-        runs.sort(key=lambda r: (r.info.start_time, r.info.run_id))
-        for extra in runs[1:]:
-            client.delete_run(extra.info.run_id)
-        return runs[0].info.run_id if runs else None
-
-    found = oldest_and_deleted()
-    if found:
-        return found
-    run = client.create_run(
-        experiment_id, run_name=prefix, tags={"sweep.prefix": prefix, "sweep.grid": grid}
-    )
-    client.set_terminated(run.info.run_id)  # FINISHED: it holds reports, not a training
-    return oldest_and_deleted()
-
-
-def write_report(sweep: Sweep, by_name: dict, prefix: str, out_dir: Path):
+def write_report(plan: plans.Plan, by_name: dict, prefix: str, out_dir: Path, force: bool = False):
     """The figures, the table and chosen.json of the runs `by_name` ({experiment name: a run with
     .data.params, .data.metrics and .data.tags as MLflow gives them}); returns the files written
-    (the table and chosen.json last), the baseline's Point and the Points of each technique."""
-    baseline, paths = collect(sweep, by_name, prefix)
+    (the table and chosen.json last), the baseline's Point and the Points of each technique.
+    Nothing is written when the table would hold less than the committed one (unless `force`)."""
+    baseline, paths = collect(plan, by_name, prefix)
     if not any(paths.values()):
-        raise ParamsError(f"no finished run of grid {sweep.name!r} named {prefix}-...")
+        raise ParamsError(f"no finished run of plan {plan.name!r} named {prefix}-...")
     # A learning curve's x is the data, not a strength to choose: nothing is chosen there.
     chosen = {
-        t.name: choose(paths[t.name], baseline) if sweep.baseline else None
-        for t in sweep.techniques
+        t.name: choose(paths[t.name], baseline) if plan.baseline else None
+        for t in plan.techniques
         if paths[t.name]
     }
     out_dir = Path(out_dir)
+    report = out_dir / f"{prefix}-path.md"
+    text = table(plan, prefix, baseline, paths, chosen)
+    reports.check_not_less(report, text, force)
     files = []
-    for t in sweep.techniques:
+    for t in plan.techniques:
         if paths[t.name]:
             files.append(out_dir / f"{prefix}-path-{t.name}.png")
-            first = sweep.techniques[0]
-            reference = None if sweep.baseline or t is first else (first.name, paths[first.name])
+            first = plan.techniques[0]
+            reference = None if plan.baseline or t is first else (first.name, paths[first.name])
             figure(t, paths[t.name], baseline, chosen[t.name], files[-1], reference)
-    report = out_dir / f"{prefix}-path.md"
-    sio.write_text(report, table(sweep, prefix, baseline, paths, chosen))
-    sio.write_json(out_dir / f"{prefix}-chosen.json", chosen_json(sweep, baseline, chosen))
+    sio.write_text(report, text)
+    sio.write_json(out_dir / f"{prefix}-chosen.json", chosen_json(plan, baseline, chosen))
     return [*files, report, out_dir / f"{prefix}-chosen.json"], baseline, paths
 
 
 def build(
-    grid_name: str | Path = "sweep",
-    prefix: str = "sweep",
+    plan: plans.Plan,
+    prefix: str,
     out_dir: Path = Path("reports"),
     tracking_uri: str | None = None,
     experiment: str | None = None,
+    force: bool = False,
 ) -> Path:
-    """Figures, table and chosen.json of a sweep, logged to its MLflow parent run; returns the
+    """Figures, table and chosen.json of a path, logged to its MLflow parent run; returns the
     table's path. `experiment` and `tracking_uri` default to params.yaml's (mlflow section)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    sweep = load_sweep(grid_name)
-    if tracking_uri is None or experiment is None:
-        params = P.load()
-        tracking_uri = tracking_uri or store.tracking_uri(params.mlflow)
-        experiment = experiment or params.mlflow.experiment
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
+    client, experiment_id, experiment, tracking_uri = reports.open_experiment(
+        tracking_uri, experiment
+    )
+    if experiment_id is None:
         raise ParamsError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
-    by_name = finished_runs(client, found.experiment_id, prefix)
+    by_name = reports.finished_runs(client, experiment_id, prefix)
     if not by_name:
         raise ParamsError(
-            f"no finished run of grid {sweep.name!r} named {prefix}-<technique>-<value>-s<seed> "
+            f"no finished run of plan {plan.name!r} named {prefix}-<technique>-<value>-s<seed> "
             f"in experiment {experiment!r} of {tracking_uri}"
         )
-    files, baseline, paths = write_report(sweep, by_name, prefix, out_dir)
-    report = files[-2]
-
-    parent = parent_run(client, found.experiment_id, prefix, sweep.name)
-    for path in files:
-        client.log_artifact(parent, str(path))
+    files, baseline, paths = write_report(plan, by_name, prefix, out_dir, force)
     children = [
         r
         for p in [baseline, *(q for ps in paths.values() for q in ps)]
         if p
         for r in p.runs.values()
     ]
-    for run in children:
-        if run.data.tags.get("mlflow.parentRunId") != parent:
-            try:
-                client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
-            except MlflowException:  # another machine's report tagged it at the same moment
-                tagged = client.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
-                if tagged != parent:
-                    client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
-    return report
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--grid", default="sweep", help="a sweep grid of stages/experiments/grids/")
-    parser.add_argument(
-        "--prefix", default="sweep", help="experiment names <prefix>-… (default: sweep)"
-    )
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="where the files go")
-    args = parser.parse_args()
-    try:
-        report = build(args.grid, args.prefix, args.out)
-    except ParamsError as exc:
-        sys.exit(f"error (path): {exc}")
-    print(f"path: {report}, {args.prefix}-chosen.json and the figures in {args.out}/")
-
-
-if __name__ == "__main__":
-    main()
+    reports.log_to_parent(client, experiment_id, prefix, plan.name, files, children)
+    return files[-2]
