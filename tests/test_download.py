@@ -113,7 +113,10 @@ def test_image_folder_sources(workdir, tmp_path, kind):
 
 
 def test_image_size_resizes(workdir, folder_archive):
-    raw = run_download(workdir, **{"data.source": str(folder_archive), "data.image_size": 16})
+    raw = run_download(
+        workdir,
+        **{"data.source": str(folder_archive), "data.image_size": 16, "model.input_size": 32},
+    )  # net sees 32 pixels: data.image_size alone would be refused for net
     assert raw["train_images"].shape[1:] == (3, 16, 16)
 
 
