@@ -232,14 +232,10 @@ def open_study(plan: plans.Plan, prefix: str, storage: str, extra: dict | None =
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = trials.make_pruner(**pruner_args(plan, extra or {}))
-    sampler = optuna.samplers.TPESampler(
-        seed=plan.search["seed"], multivariate=True, group=True, constant_liar=True
-    )
     try:
         study = optuna.create_study(
             study_name=prefix,
             storage=storage_for(storage),
-            sampler=sampler,
             pruner=pruner,
             direction="maximize",
             load_if_exists=True,
@@ -256,6 +252,15 @@ def open_study(plan: plans.Plan, prefix: str, storage: str, extra: dict | None =
             f"the study {prefix!r} in {storage} was made with another space "
             f"(plan {study.user_attrs.get('plan')!r}): give another --prefix"
         )
+    # A study that goes on (a second run of the command, another worker) draws on from a seed of
+    # its own: the plan's seed again would replay the first trials' random points, and DVC's run
+    # cache would then restore those trials' outputs instead of training a new one.
+    study.sampler = optuna.samplers.TPESampler(
+        seed=plan.search["seed"] + len(study.trials),
+        multivariate=True,
+        group=True,
+        constant_liar=True,
+    )
     return study
 
 
