@@ -33,6 +33,20 @@ from stages.io import sha256_of
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "ship"]
 
+# The tests log to stores of their own, never to the server of the shell that runs them.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_uri_leaks():
+    """mlflow.set_tracking_uri() also sets $MLFLOW_TRACKING_URI "so that subprocesses inherit
+    it": after a test that logs in-process, every later test's stages and `dvc exp run`s would
+    log to that test's store (and read their runs back from their own, finding none)."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
 
 def class_images(n: int, cls: int, seed: int, size: int = 32) -> np.ndarray:
     """n HWC uint8 images whose colour depends on the class, so a model can learn something."""

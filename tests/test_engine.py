@@ -337,6 +337,34 @@ def test_two_shards_on_two_machines_reach_one_server_and_one_git_remote(team):
     assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {runs[0].info.run_id}
 
 
+def test_a_point_that_ran_before_is_restored_and_still_one_mlflow_run_of_its_name(team):
+    """Machine a ran team-baseline-s0 above. The same point under another prefix has the same
+    params: DVC's run cache restores its outputs and no stage runs, so nothing would be logged;
+    the engine records it as a run of its own name, with the metrics of the run it came from."""
+    root, server = team
+    cmd = [sys.executable, "-m", "stages.experiments.engine", "run", "--grid", "tiny"]
+    cmd += ["--prefix", "again", "--shard", "1/2"]  # the first point: baseline
+    result = sh(root / "a", *cmd, env={"MLFLOW_TRACKING_URI": server.uri})
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("overfitting")
+
+    def run_named(name):
+        (run,) = client.search_runs([experiment.experiment_id], f"tags.`dvc.exp_name` = '{name}'")
+        return run
+
+    source, again = run_named("team-baseline-s0"), run_named("again-baseline-s0")
+    assert "again-baseline-s0: test accuracy" in result.stdout
+    assert f"restored by DVC from run {source.info.run_id}" in result.stdout
+    assert again.data.tags["restored_from"] == source.info.run_id
+    assert again.info.status == "FINISHED"
+    assert again.data.metrics["test_accuracy"] == source.data.metrics["test_accuracy"]
+    curve = [m.value for m in client.get_metric_history(again.info.run_id, "val_accuracy")]
+    assert curve == [m.value for m in client.get_metric_history(source.info.run_id, "val_accuracy")]
+    assert len(curve) == TINY["train.epochs"]
+    assert again.data.params["model.dropout"] == source.data.params["model.dropout"]
+
+
 def test_two_machines_sharing_a_storage_take_the_points_as_they_are_free(team):
     """No --shard: both machines run the same command against one Optuna storage and one
     tracking server; every point runs once, on whichever machine took it."""
