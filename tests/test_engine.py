@@ -535,7 +535,7 @@ def search_repo(tmp_path_factory, pickle_archive):
 def test_a_search_runs_its_trials_as_dvc_experiments_and_mlflow_runs_and_continues(search_repo):
     repo = search_repo
     cmd = [sys.executable, "-m", "stages.experiments.engine", "run", "--grid", "space"]
-    first = sh(repo, *cmd, "--trials", "2")
+    first = sh(repo, *cmd, "--trials", "2", "--jobs", "2")  # one batch of two
     assert first.returncode == 0, first.stdout + first.stderr
     import optuna
 
