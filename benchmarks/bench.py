@@ -152,18 +152,8 @@ def time_epoch(model, images, labels, policy=None, epoch=1, batch=BATCH) -> floa
     loss_fn = train.make_loss(params, model, None)
     synchronize(device)
     start = time.perf_counter()
-    train.train_one_epoch(
-        model,
-        images,
-        labels,
-        optimizer,
-        scheduler,
-        loss_fn,
-        batch,
-        policy or Policy(),
-        None,
-        epoch_generator(0, epoch),
-    )
+    recipe = train.Recipe(optimizer, scheduler, loss_fn, batch, policy or Policy())
+    train.train_one_epoch(model, images, labels, recipe, epoch_generator(0, epoch))
     synchronize(device)
     return time.perf_counter() - start
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import BATCH, REPO, load_data
 
 from stages import params as P, train
-from stages.data import Policy, epoch_generator
+from stages.data import epoch_generator
 from stages.networks import small
 
 
@@ -32,18 +32,8 @@ def epoch_seconds(model, forward, images, labels, epoch: int) -> float:
     scheduler = train.make_scheduler(params, optimizer, len(images) // BATCH)
     loss_fn = train.make_loss(params, model, None)
     start = time.perf_counter()
-    train.train_one_epoch(
-        forward,
-        images,
-        labels,
-        optimizer,
-        scheduler,
-        loss_fn,
-        BATCH,
-        Policy(),
-        None,
-        epoch_generator(0, epoch),
-    )
+    recipe = train.Recipe(optimizer, scheduler, loss_fn, BATCH)
+    train.train_one_epoch(forward, images, labels, recipe, epoch_generator(0, epoch))
     return time.perf_counter() - start
 
 

@@ -87,8 +87,8 @@ def train_preset(params: P.Params) -> dict:
         middle = time.perf_counter()
         row = {
             "epoch": epoch,
-            **predict.measure(model.measured, data.train_x, data.train_y, "train"),
-            **predict.measure(model.measured, data.val_x, data.val_y, "val"),
+            **predict.measure(model.for_measuring, data.train_x, data.train_y, "train"),
+            **predict.measure(model.for_measuring, data.val_x, data.val_y, "val"),
         }
         bench.synchronize(proc.device)
         train_seconds.append(middle - start)
@@ -100,8 +100,10 @@ def train_preset(params: P.Params) -> dict:
             flush=True,
         )
     test_x, test_y = load_split(RAW, "test")
-    test = predict.measure(model.measured, test_x.to(proc.device), test_y.to(proc.device), "test")
-    weights = {k: v.detach().float().cpu() for k, v in model.model.state_dict().items()}
+    test = predict.measure(
+        model.for_measuring, test_x.to(proc.device), test_y.to(proc.device), "test"
+    )
+    weights = {k: v.detach().float().cpu() for k, v in model.module.state_dict().items()}
     return {
         "test_accuracy": test["test_accuracy"],
         "train_accuracy": history[-1]["train_accuracy"],

@@ -36,7 +36,7 @@ import {first}
 import sys, time, torch
 sys.path.insert(0, {repo!r})
 from stages import params as P, train
-from stages.data import Policy, epoch_generator
+from stages.data import epoch_generator
 from stages.networks import small
 torch.set_num_threads({threads})
 torch.manual_seed(0)
@@ -50,7 +50,7 @@ sched = train.make_scheduler(p, opt, {images} // 100)
 loss_fn = train.make_loss(p, model, None)
 start = time.perf_counter()
 for epoch in range({epochs}):
-    train.train_one_epoch(model, images, labels, opt, sched, loss_fn, 100, Policy(), None, epoch_generator(0, epoch))
+    train.train_one_epoch(model, images, labels, train.Recipe(opt, sched, loss_fn, 100), epoch_generator(0, epoch))
 print(time.perf_counter() - start)
 """
 

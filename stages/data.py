@@ -11,6 +11,7 @@ are transformed where they are.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,35 +203,98 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 
 def trivial_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """torchvision's TrivialAugmentWide with one draw per image, applied group-wise.
+    """TrivialAugmentWide (Müller & Hutter, 2021) with one draw per image, applied group-wise.
 
     v2.TrivialAugmentWide draws one (op, magnitude) for everything it is given, so calling it on a
     batch would transform every image alike. Here each image draws its own op, magnitude bin and
-    sign from `generator`; images that drew the same triple go through torchvision's op together,
-    so the work is a few hundred batched calls per epoch, not one call per image.
+    sign from `generator`; the images that drew the same triple go through the op together
+    (torchvision.transforms.v2.functional's, with v2.TrivialAugmentWide's arguments), so the work
+    is a few hundred batched calls per epoch, not one call per image.
     """
-    from torchvision.transforms import v2  # imported when used: torchvision costs seconds
-
-    ta = v2.TrivialAugmentWide()
-    space = list(ta._AUGMENTATION_SPACE.items())
-    bins = ta.num_magnitude_bins
-    n, _, h, w = images.shape
-    op = torch.randint(len(space), (n,), generator=generator)
+    ops = trivial_augment_wide_ops()
+    bins = TRIVIAL_AUGMENT_BINS
+    n = images.shape[0]
+    op = torch.randint(len(ops), (n,), generator=generator)
     level = torch.randint(bins, (n,), generator=generator)
     negative = torch.rand(n, generator=generator) < 0.5
     out = images.clone()
     keys = op * 2 * bins + level * 2 + negative.long()
     for key in torch.unique(keys).tolist():
         which = (keys == key).to(images.device)
-        name, (magnitudes_fn, signed) = space[key // (2 * bins)]
-        magnitudes = magnitudes_fn(bins, h, w)
+        _, magnitudes, signed, apply = ops[key // (2 * bins)]
         magnitude = 0.0 if magnitudes is None else float(magnitudes[(key // 2) % bins])
         if signed and key % 2:
             magnitude = -magnitude
-        out[which] = ta._apply_image_or_video_transform(
-            images[which], name, magnitude, interpolation=ta.interpolation, fill=ta._fill
-        )
+        out[which] = apply(images[which], magnitude)
     return out
+
+
+TRIVIAL_AUGMENT_BINS = 31  # v2.TrivialAugmentWide's num_magnitude_bins
+
+
+def trivial_augment_wide_ops() -> list[tuple[str, torch.Tensor | None, bool, Callable]]:
+    """TrivialAugmentWide's augmentation space, in v2.TrivialAugmentWide's order (an image's op
+    draw indexes it): (name, the magnitude of each bin or None, whether the magnitude takes a
+    random sign, the op on a uint8 batch). Nearest-neighbour geometry filled with zeros, and
+    the shears about the top-left corner, as torchvision does it; torchvision keeps this table
+    private, so it is written out here with its public functional ops, and a test checks that
+    every output of v2.TrivialAugmentWide is one of this table's."""
+    from torchvision.transforms.v2 import InterpolationMode, functional as F
+
+    bins, nearest = TRIVIAL_AUGMENT_BINS, InterpolationMode.NEAREST
+
+    def up_to(top: float) -> torch.Tensor:
+        return torch.linspace(0.0, top, bins)
+
+    def shear(x: torch.Tensor, degrees_x: float, degrees_y: float) -> torch.Tensor:
+        return F.affine(
+            x,
+            angle=0.0,
+            translate=[0, 0],
+            scale=1.0,
+            shear=[degrees_x, degrees_y],
+            interpolation=nearest,
+            fill=None,
+            center=[0, 0],
+        )
+
+    def translate(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+        return F.affine(
+            x,
+            angle=0.0,
+            translate=[dx, dy],
+            scale=1.0,
+            shear=[0.0, 0.0],
+            interpolation=nearest,
+            fill=None,
+        )
+
+    return [
+        ("Identity", None, False, lambda x, m: x),
+        ("ShearX", up_to(0.99), True, lambda x, m: shear(x, math.degrees(math.atan(m)), 0.0)),
+        ("ShearY", up_to(0.99), True, lambda x, m: shear(x, 0.0, math.degrees(math.atan(m)))),
+        ("TranslateX", up_to(32.0), True, lambda x, m: translate(x, int(m), 0)),
+        ("TranslateY", up_to(32.0), True, lambda x, m: translate(x, 0, int(m))),
+        (
+            "Rotate",
+            up_to(135.0),
+            True,
+            lambda x, m: F.rotate(x, m, interpolation=nearest, fill=None),
+        ),
+        ("Brightness", up_to(0.99), True, lambda x, m: F.adjust_brightness(x, 1.0 + m)),
+        ("Color", up_to(0.99), True, lambda x, m: F.adjust_saturation(x, 1.0 + m)),
+        ("Contrast", up_to(0.99), True, lambda x, m: F.adjust_contrast(x, 1.0 + m)),
+        ("Sharpness", up_to(0.99), True, lambda x, m: F.adjust_sharpness(x, 1.0 + m)),
+        (
+            "Posterize",
+            (8 - (torch.arange(bins) / ((bins - 1) / 6))).round().int(),  # 8 bits down to 2
+            False,
+            lambda x, m: F.posterize(x, int(m)),
+        ),
+        ("Solarize", torch.linspace(1.0, 0.0, bins), False, lambda x, m: F.solarize(x, 255 * m)),
+        ("AutoContrast", None, False, lambda x, m: F.autocontrast(x)),
+        ("Equalize", None, False, lambda x, m: F.equalize(x)),
+    ]
 
 
 def color_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:

@@ -70,7 +70,7 @@ def main() -> None:
     model = set_up_model(params, data)
     checkpoint = checkpoint_path(
         params,
-        model.weights.get("sha256", ""),
+        model.pretrained_info.get("sha256", ""),
         proc.world,
         data.train_x,
         data.train_y,
@@ -79,12 +79,12 @@ def main() -> None:
     )
     data, model = to_device(data, model, proc, params.train.compile)
     state = set_up_training(params, data, model)
-    resume(state, model.model, checkpoint)
+    resume(state, model.module, checkpoint)
     model.cache = feature_cache.set_up(
         params,
         data.train_x,
         data.val_x,
-        model.model,
+        model.module,
         proc.world,
         proc.device.type,
         first_epoch=len(state.history) + 1,
@@ -156,20 +156,34 @@ def load_data(folder: Path) -> Data:
 
 @dataclass
 class Model:
-    """The model and what fine-tuning needs to know of it."""
+    """The model, the modules that run it, and what fine-tuning needs to know of it."""
 
-    model: nn.Module  # what is trained, saved and logged (with its task heads, if any)
-    net: nn.Module  # the network inside the normalization and multi-task wrappers
-    head: nn.Module  # the new classifier (and task heads): trained at train.lr
-    frozen: list[nn.Parameter]  # held fixed by model.freeze, until train.unfreeze_at_epoch
-    start_values: dict[str, torch.Tensor]  # the pretrained weights, for L2-SP
-    weights: dict  # which pretrained weights: name, source, sha256 (empty without)
-    task_weights: dict[str, float]  # the auxiliary tasks that are on
-    coarse: torch.Tensor | None  # class -> group, for the coarse task
-    forward: nn.Module | None = None  # what trains: the model, compiled or under DDP
-    measured: nn.Module | None = None  # what measures the splits: never DDP, which would sync
-    # the frozen prefix's outputs, with train.feature_cache (stages/networks/feature_cache.py)
+    module: nn.Module
+    """The whole model: the network in its normalization wrapper, with the auxiliary tasks' heads
+    if any. What the optimizer updates, and what is saved and logged."""
+    network: nn.Module
+    """The network inside `module`'s normalization and multi-task wrappers: the one whose blocks
+    model.freeze and train.layer_lr_decay name and whose pretrained weights are loaded."""
+    head: nn.Module
+    """The new classifier (and the task heads): trained at train.lr."""
+    frozen: list[nn.Parameter]
+    """The parameters model.freeze holds fixed, until train.unfreeze_at_epoch."""
+    start_values: dict[str, torch.Tensor]
+    """The pretrained values of `network`'s parameters, by name, for L2-SP (empty without)."""
+    pretrained_info: dict
+    """Which pretrained weights were loaded: name, source, sha256 (empty without)."""
+    task_weights: dict[str, float]
+    """The auxiliary tasks that are on, and their loss weights."""
+    coarse: torch.Tensor | None
+    """Class -> group, for the coarse task."""
+    for_training: nn.Module | None = None
+    """What the training steps call: `module`, compiled (train.compile) or under DDP; the cache's
+    suffix on the cached features while the prefix is frozen."""
+    for_measuring: nn.Module | None = None
+    """What measures the splits: as `for_training` but never DDP, which would synchronize
+    processes that each measure their share."""
     cache: feature_cache.Cache | None = None
+    """The frozen prefix's outputs, with train.feature_cache (stages/networks/feature_cache.py)."""
 
 
 def set_up_model(params: P.Params, data: Data) -> Model:
@@ -213,16 +227,16 @@ def to_device(data: Data, model: Model, proc: Process, compile: bool) -> tuple[D
         data, **{k: getattr(data, k).to(device) for k in ("train_x", "train_y", "val_x", "val_y")}
     )
     channels_last = device.type == "cuda"
-    model.model.to(
+    model.module.to(
         device, memory_format=torch.channels_last if channels_last else torch.preserve_format
     )
     model.start_values = {k: v.to(device) for k, v in model.start_values.items()}
-    compiled = torch.compile(model.model) if compile else model.model
-    model.forward, model.measured = compiled, compiled
+    compiled = torch.compile(model.module) if compile else model.module
+    model.for_training, model.for_measuring = compiled, compiled
     if proc.world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model.model)
-        model.forward = torch.compile(ddp) if compile else ddp
-        model.measured = model.model
+        ddp = nn.parallel.DistributedDataParallel(model.module)
+        model.for_training = torch.compile(ddp) if compile else ddp
+        model.for_measuring = model.module
     return data, model
 
 
@@ -247,8 +261,8 @@ class Training:
 
 def set_up_training(params: P.Params, data: Data, model: Model) -> Training:
     steps_per_epoch = math.ceil(len(data.train_x) / params.train.batch_size)
-    blocks = registry.network(params.model.name).blocks(model.net)  # for layer-wise lr decay
-    optimizer = make_optimizer(params.train, model.model, model.head, blocks)
+    blocks = registry.network(params.model.name).blocks(model.network)  # layer-wise lr decay
+    optimizer = make_optimizer(params.train, model.module, model.head, blocks)
     class_weights = (
         regularize.balanced_class_weights(data.train_y, len(data.classes)).to(data.train_y.device)
         if params.train.class_weighting == "balanced"
@@ -257,9 +271,13 @@ def set_up_training(params: P.Params, data: Data, model: Model) -> Training:
     return Training(
         optimizer=optimizer,
         scheduler=make_scheduler(params.train, optimizer, steps_per_epoch),
-        loss_fn=make_loss(params.train, model.model, class_weights, model.net, model.start_values),
+        loss_fn=make_loss(
+            params.train, model.module, class_weights, model.network, model.start_values
+        ),
         task_loss=(
-            tasks.TaskLoss(model.task_weights, model.coarse, getattr(model.model, "log_vars", None))
+            tasks.TaskLoss(
+                model.task_weights, model.coarse, getattr(model.module, "log_vars", None)
+            )
             if model.task_weights
             else None
         ),
@@ -271,7 +289,7 @@ def set_up_training(params: P.Params, data: Data, model: Model) -> Training:
             **params.train.early_stopping.model_dump(exclude={"enabled", "restore_best"})
         ),
         averaged=averaging.averaged_model(
-            model.model, params.train.ema_decay, params.train.swa_start_epoch
+            model.module, params.train.ema_decay, params.train.swa_start_epoch
         ),
     )
 
@@ -317,13 +335,13 @@ def save_checkpoint(state: Training, model: nn.Module, run_id: str, checkpoint: 
 def log_start(model: Model, proc: Process) -> None:
     runs.log_metrics(
         {
-            "num_parameters": predict.count_parameters(model.model),
+            "num_parameters": predict.count_parameters(model.module),
             "torch_threads": torch.get_num_threads(),
             "world_size": proc.world,
         }
     )
-    if model.weights:
-        runs.set_tags({f"pretrained.{k}": v for k, v in model.weights.items()})
+    if model.pretrained_info:
+        runs.set_tags({f"pretrained.{k}": v for k, v in model.pretrained_info.items()})
 
 
 def fit(
@@ -360,10 +378,9 @@ def fit(
         batch_loss = run_epoch(params, seen, trained, state, epoch, shard)
         seconds = time.perf_counter() - start
         if t.swa_start_epoch and epoch >= t.swa_start_epoch:
-            state.averaged.update_parameters(model.model)  # SWA: one more epoch's weights
-        measured = averaging.measured(
-            state.averaged, trained.measured
-        )  # no averaging with the cache
+            state.averaged.update_parameters(model.module)  # SWA: one more epoch's weights
+        # no averaging with the cache
+        measured = averaging.measured(state.averaged, trained.for_measuring)
         row = {
             "epoch": epoch,
             **measure(measured, seen.train_x, data.train_y, "train", model.coarse, shard),
@@ -373,10 +390,10 @@ def fit(
         improved = state.stopper.update(epoch, row[state.stopper.monitor])
         if proc.logs:
             if improved and restore_best:
-                kept = averaging.measured(state.averaged, model.model)
+                kept = averaging.measured(state.averaged, model.module)
                 state.best_state = {k: v.clone() for k, v in kept.state_dict().items()}
             log_epoch(row, batch_loss, seconds, state, model, epoch > state.logged_epochs)
-            save_checkpoint(state, model.model, run.info.run_id, checkpoint)
+            save_checkpoint(state, model.module, run.info.run_id, checkpoint)
         if stopping and state.stopper.should_stop:
             if proc.logs:
                 print(
@@ -399,26 +416,29 @@ def run_epoch(
     which differs on each process. Returns the mean batch loss. EMA takes in the unwrapped
     model's weights after every step."""
     torch.manual_seed(params.seed * 1_000_003 + epoch + 7919 * shard[0])
-    return train_one_epoch(
-        model.forward,
-        data.train_x,
-        data.train_y,
+    recipe = Recipe(
         state.optimizer,
         state.scheduler,
         state.loss_fn,
         params.train.batch_size,
-        state.policy,
-        state.mixer,
-        epoch_generator(params.seed, epoch),
-        desc=f"epoch {epoch}/{params.train.epochs}",
+        policy=state.policy,
+        mixer=state.mixer,
         task_loss=state.task_loss,
-        shard=shard,
         sam_rho=params.train.sam_rho,
         after_step=(
-            partial(state.averaged.update_parameters, model.model)
+            partial(state.averaged.update_parameters, model.module)
             if params.train.ema_decay
             else None
         ),
+    )
+    return train_one_epoch(
+        model.for_training,
+        data.train_x,
+        data.train_y,
+        recipe,
+        epoch_generator(params.seed, epoch),
+        desc=f"epoch {epoch}/{params.train.epochs}",
+        shard=shard,
     )
 
 
@@ -446,10 +466,10 @@ def log_metrics_of_epoch(
             "epoch_seconds": seconds,
             "gap": row["train_accuracy"] - row["val_accuracy"],
             "lr": state.optimizer.param_groups[-1]["lr"],  # the head's
-            "trainable_parameters": trainable_parameters(model.model),
+            "trainable_parameters": trainable_parameters(model.module),
             **{
                 f"task_weight_{t}": w
-                for t, w in tasks.current_weights(model.model, model.task_weights).items()
+                for t, w in tasks.current_weights(model.module, model.task_weights).items()
             },
         },
         step=row["epoch"],
@@ -459,7 +479,7 @@ def log_metrics_of_epoch(
 def write_outputs(params: P.Params, data: Data, model: Model, state: Training, run) -> None:
     """The saved model (the last epoch's, or the best one's with restore_best; with weight
     averaging, the average), its metrics and curves, to files and to the MLflow run."""
-    net, history, stopper = model.model, state.history, state.stopper
+    net, history, stopper = model.module, state.history, state.stopper
     saved = history[-1]
     if state.best_state is not None:
         net.load_state_dict(state.best_state)
@@ -670,39 +690,44 @@ def make_loss(
     return loss_fn
 
 
+@dataclass
+class Recipe:
+    """How train_one_epoch makes its steps: all it needs besides the model and the data."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # steps after every optimizer step
+    loss_fn: Callable  # (logits, targets) -> the loss
+    batch_size: int  # the global batch: with several processes, each takes its share
+    policy: Policy = field(default_factory=Policy)  # online augmentation; Policy() is none
+    mixer: Callable | None = None  # mixup / cutmix: (x, y) -> (mixed x, class probabilities)
+    task_loss: tasks.TaskLoss | None = None  # auxiliary tasks: loss_fn combined with theirs
+    sam_rho: float = 0.0  # > 0: each step is sharpness-aware (stages/sam.py)
+    after_step: Callable[[], None] | None = None  # after every optimizer step (the EMA update)
+
+
 def train_one_epoch(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    loss_fn,
-    batch_size: int,
-    policy: Policy,
-    mixer,
+    recipe: Recipe,
     generator: torch.Generator,
     desc: str = "",
-    task_loss: tasks.TaskLoss | None = None,
     shard: tuple[int, int] = (0, 1),
-    sam_rho: float = 0.0,
-    after_step: Callable[[], None] | None = None,
 ) -> float:
-    """One pass over the (augmented, shuffled) training set; returns the mean batch loss.
-    With auxiliary tasks, `task_loss` combines the main task's loss_fn with theirs. With
-    shard = (rank, world), this process takes every world-th image of each batch. sam_rho > 0
-    makes each step sharpness-aware (stages/sam.py); `after_step` runs after every optimizer
-    step (the EMA update).
+    """One pass over the (augmented, shuffled) training set, steps made as `recipe` says;
+    returns the mean batch loss. With shard = (rank, world), this process takes every world-th
+    image of each batch.
 
     The images stay where they are (CPU or GPU); on a GPU the forward pass runs in bf16 autocast
     on channels-last batches. Batch losses stay on the device until the end of the epoch, so
     the loop never waits for the GPU."""
     model.train()
-    if policy.active:
-        images = augment(images, policy, generator)
+    if recipe.policy.active:
+        images = augment(images, recipe.policy, generator)
     order = torch.randperm(len(images), generator=generator).to(images.device)
     cuda = images.device.type == "cuda"
     losses = []
-    rank, world = shard
+    (rank, world), batch_size = shard, recipe.batch_size
     stop = len(images)
     if 0 < stop % batch_size < world:  # a last batch too small to give every process an image
         stop -= stop % batch_size
@@ -713,28 +738,28 @@ def train_one_epoch(
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         clean = x
-        if mixer is not None:
-            x, y = mixer(x, y)  # y becomes class probabilities
-        draws = generator.get_state() if task_loss is not None else None
+        if recipe.mixer is not None:
+            x, y = recipe.mixer(x, y)  # y becomes class probabilities
+        draws = generator.get_state() if recipe.task_loss is not None else None
 
         def forward(x=x, y=y, clean=clean, draws=draws) -> torch.Tensor:
             if draws is not None:  # SAM's second pass: the same rotations as the first
                 generator.set_state(draws)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                if task_loss is None:
-                    return loss_fn(model(x), y)
-                return task_loss(model, x, clean, y, loss_fn, generator)
+                if recipe.task_loss is None:
+                    return recipe.loss_fn(model(x), y)
+                return recipe.task_loss(model, x, clean, y, recipe.loss_fn, generator)
 
-        optimizer.zero_grad(set_to_none=True)
-        if sam_rho:
-            loss = sam.sam_backward(model, forward, sam_rho)
+        recipe.optimizer.zero_grad(set_to_none=True)
+        if recipe.sam_rho:
+            loss = sam.sam_backward(model, forward, recipe.sam_rho)
         else:
             loss = forward()
             loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if after_step is not None:
-            after_step()
+        recipe.optimizer.step()
+        recipe.scheduler.step()
+        if recipe.after_step is not None:
+            recipe.after_step()
         losses.append(loss.detach().float() * len(idx))
     losses = torch.stack(losses).cpu()
     bad = (~torch.isfinite(losses)).nonzero()

@@ -12,7 +12,7 @@ import torch.nn as nn
 from conftest import TINY, run_stage, write_params
 
 from stages import augment, averaging, download, params as P, sam, train
-from stages.data import Policy, epoch_generator, to_float
+from stages.data import epoch_generator, to_float
 from stages.errors import ParamsError
 from stages.networks.build import build_model
 
@@ -133,19 +133,14 @@ def test_one_sam_step_is_the_hand_computed_one(optimizer):
     plain = copy.deepcopy(model)
     for net, sam_rho in ((model, rho), (plain, 0.0)):
         optimizer_ = train.make_optimizer(settings, net)
-        train.train_one_epoch(
-            net,
-            images,
-            labels,
+        recipe = train.Recipe(
             optimizer_,
             torch.optim.lr_scheduler.LambdaLR(optimizer_, lambda step: 1.0),
             train.make_loss(settings, net, None),
-            8,  # one batch: one step
-            Policy(),
-            None,
-            epoch_generator(0, 1),
+            batch_size=8,  # one batch: one step
             sam_rho=sam_rho,
         )
+        train.train_one_epoch(net, images, labels, recipe, epoch_generator(0, 1))
 
     # SAM by hand: the gradient at w, the ascent to w + rho g / ||g||, the gradient there
     # (penalty included), the optimizer's step from w with that gradient.

@@ -10,7 +10,7 @@ from conftest import TINY, run_stage, write_params
 from mlflow.tracking import MlflowClient
 
 from stages import augment, download, evaluate, train
-from stages.data import Policy, epoch_generator
+from stages.data import epoch_generator
 from stages.errors import StageError
 
 # One process and two take the same steps: the same global batch, split in two, whose gradients
@@ -85,12 +85,7 @@ def test_a_process_gets_its_share_of_each_batch():
                 model,
                 images,
                 torch.zeros(10, dtype=torch.long),
-                optimizer,
-                scheduler,
-                torch.nn.functional.cross_entropy,
-                4,
-                Policy(),
-                None,
+                train.Recipe(optimizer, scheduler, torch.nn.functional.cross_entropy, 4),
                 epoch_generator(0, 1),
                 shard=(rank, 2),
             )

@@ -260,16 +260,16 @@ def test_a_lite0_probe_on_the_cache_matches_recomputing(tmp_path, monkeypatch):
     for cached in (False, True):
         torch.manual_seed(0)
         model = train.set_up_model(p, data)
-        model.forward = model.measured = model.model
+        model.for_training = model.for_measuring = model.module
         state = train.set_up_training(p, data, model)
         if cached:
-            model.cache = feature_cache.set_up(p, data.train_x, data.val_x, model.model)
+            model.cache = feature_cache.set_up(p, data.train_x, data.val_x, model.module)
         for epoch in (1, 2):
             for q in model.frozen:
                 q.requires_grad_(False)
             seen, trained = feature_cache.for_epoch(model.cache, data, model, still_frozen=True)
             train.run_epoch(p, seen, trained, state, epoch)
-        heads[cached] = {k: v.clone() for k, v in model.net._fc.state_dict().items()}
+        heads[cached] = {k: v.clone() for k, v in model.network._fc.state_dict().items()}
     assert len(list((tmp_path / feature_cache.CACHE).glob("*.pt"))) == 2  # train, val
     for k in heads[False]:
         torch.testing.assert_close(heads[True][k], heads[False][k], rtol=1e-4, atol=1e-5)

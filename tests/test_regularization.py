@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -21,6 +22,7 @@ from stages.data import (
     epoch_generator,
     random_erasing,
     trivial_augment,
+    trivial_augment_wide_ops,
 )
 from stages.errors import ParamsError, StageError
 from stages.networks import predict, small
@@ -335,6 +337,37 @@ def test_trivial_augment_draws_per_image():
     out = trivial_augment(images, torch.Generator().manual_seed(0))
     distinct = {out[i].numpy().tobytes() for i in range(300)}
     assert len(distinct) > 100  # copies of one image came out in many different ways
+
+
+def test_trivial_augment_ops_are_torchvisions_trivial_augment_wide():
+    """Every image that torchvision's public v2.TrivialAugmentWide makes of an image is one that
+    our table of its ops (written out with v2.functional) makes of it: the table is torchvision's
+    augmentation space, op for op and strength for strength."""
+    from torchvision.transforms import v2
+
+    image = torch.randint(
+        0, 256, (3, 12, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    ours = set()
+    for _, magnitudes, signed, apply in trivial_augment_wide_ops():
+        for m in [0.0] if magnitudes is None else magnitudes.tolist():
+            for sign in (1, -1) if signed else (1,):
+                ours.add(apply(image[None], sign * m)[0].numpy().tobytes())
+    torchvision_ta = v2.TrivialAugmentWide()
+    for seed in range(200):
+        torch.manual_seed(seed)
+        assert torchvision_ta(image).numpy().tobytes() in ours, seed
+
+
+def test_trivial_augment_gives_the_images_it_gave_before():
+    """The images of the implementation that the documented studies ran (it called torchvision's
+    private op table): the same draws and the same ops give the same bytes."""
+    images = torch.randint(
+        0, 256, (500, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    out = trivial_augment(images, torch.Generator().manual_seed(0))
+    digest = hashlib.sha256(out.numpy().tobytes()).hexdigest()
+    assert digest == "acc7bb08c81577ce73fd9ff0e70b7b8bae003a751022cdcc31e6f1041aed4476"
 
 
 # --- everything together, through the stages ---------------------------------------------------------

@@ -184,7 +184,7 @@ def for_epoch(cache: Cache | None, data, model, still_frozen: bool):
         return data, model
     return (
         replace(data, train_x=cache.train_x, val_x=cache.val_x),
-        replace(model, forward=cache.suffix, measured=cache.suffix),
+        replace(model, for_training=cache.suffix, for_measuring=cache.suffix),
     )
 
 
