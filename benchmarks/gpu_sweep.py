@@ -3,19 +3,22 @@ or MLflow: for a GPU machine that has neither.
 
     python benchmarks/gpu_sweep.py --grid finetune-hires --prefix ft [--seeds 0,1]
                                    [--techniques a,b] [--set key=value ...] [--workers 4]
-                                   [--out reports]
+                                   [--out reports] [--journal data/gpu-sweep/<prefix>/journal]
 
 Every point of the plan stages/experiments/plans/<grid>.yaml (the same names and params as
 `python -m stages.experiments.engine run --grid <grid>` would queue) runs in a folder of its own under
 data/gpu-sweep/<prefix>/<name>/, as `dvc repro` would run it: params.yaml written there, then
-augment.main(), train.main() and evaluate.main() — the stages' own code, with the MLflow calls
-replaced by nothing (the runs are not tracked) and the evaluate stage's model moved to the GPU.
+augment.main(), train.main() and evaluate.main() — the stages' own code, unchanged. They log
+their run as they always do, to the tracking URI `journal:<--journal>` (stages/tracking/journal.py:
+no MLflow needed), named like the DVC experiment the engine would queue. Copy that folder to a
+machine with MLflow and `python -m stages.tracking.replay <folder>` makes them MLflow runs.
 The download stage runs once, in the repository (the bundled CIFAR-10 by default).
 
 `--workers` points run at once, each its own process on the same GPU (a tiny network leaves
 most of an H200 idle; several processes fill it). Writes <out>/<prefix>-runs.json (every point's
-params, train and evaluate metrics and seconds, as each finishes) and the path report of
-stages/experiments/reports/path.py from those runs: <out>/<prefix>-path.md, -chosen.json and figures.
+params, train and evaluate metrics, journaled run id and seconds, as each finishes) and the path
+report of stages/experiments/reports/path.py from those runs: <out>/<prefix>-path.md,
+-chosen.json and figures.
 """
 
 from __future__ import annotations
@@ -42,18 +45,7 @@ from stages.experiments.reports import path as report  # noqa: E402
 WORK = REPO / "data" / "gpu-sweep"
 
 
-class NoTracking:
-    """Stands in for stages.tracking.runs: every logging call does nothing."""
-
-    @contextlib.contextmanager
-    def start_run(self, *args, **kwargs):
-        yield SimpleNamespace(info=SimpleNamespace(run_id="untracked", experiment_id="0"))
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-def run_point(job: tuple[str, dict, str]) -> dict:
+def run_point(job: tuple[str, dict, str, Path]) -> dict:
     """One point in its own folder: augment, train, evaluate; their metrics, or the error that
     stopped it (the other points go on)."""
     try:
@@ -62,8 +54,8 @@ def run_point(job: tuple[str, dict, str]) -> dict:
         return {"name": job[0], "changes": job[1], "error": f"{type(exc).__name__}: {exc}"}
 
 
-def run_stages(name: str, changes: dict, prefix: str) -> dict:
-    """augment, train and evaluate in the point's own folder."""
+def run_stages(name: str, changes: dict, prefix: str, journal: Path) -> dict:
+    """augment, train and evaluate in the point's own folder (this worker process's alone)."""
     folder = WORK / prefix / name
     (folder / "data").mkdir(parents=True, exist_ok=True)
     raw = folder / "data" / "raw"
@@ -73,34 +65,29 @@ def run_stages(name: str, changes: dict, prefix: str) -> dict:
     P.parse(params)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.chdir(folder)
-    log = open(folder / "log.txt", "w")
-    sys.stdout = sys.stderr = log
-
-    import torch
-
+    # What DVC would set for the experiment: its name names the run (and its dvc.exp_name tag),
+    # so the replayed runs are found by name as the engine's are. The run goes to the journal.
+    os.environ["DVC_EXP_NAME"] = name
+    os.environ["MLFLOW_TRACKING_URI"] = f"journal:{journal}"
     from stages import augment, evaluate, train
-    from stages.tracking import store
 
-    train.runs = evaluate.runs = NoTracking()
-    store.check_reachable = lambda uri: None
-    evaluate.log_to_run = lambda *args, **kwargs: None
-    load_model = evaluate.load_model
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    evaluate.load_model = lambda *a, **k: (lambda m, *rest: (m.to(device), *rest))(
-        *load_model(*a, **k)
-    )
     seconds = {}
-    for stage in (augment, train, evaluate):
-        start = time.perf_counter()
-        stage.main()
-        seconds[stage.__name__.split(".")[-1]] = time.perf_counter() - start
-    log.close()
+    with (
+        open(folder / "log.txt", "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        for stage in (augment, train, evaluate):
+            start = time.perf_counter()
+            stage.main()
+            seconds[stage.__name__.split(".")[-1]] = time.perf_counter() - start
     return {
         "name": name,
         "changes": changes,
         "params": {k: str(v) for k, v in P.flatten(P.parse(params)).items()},
         "train": sio.read_json(folder / "metrics" / "train.json"),
         "evaluate": sio.read_json(folder / "metrics" / "eval.json"),
+        "run_id": sio.read_json(folder / "models" / "run.json")["run_id"],
         "seconds": seconds,
     }
 
@@ -125,6 +112,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "reports")
     parser.add_argument(
+        "--journal",
+        type=Path,
+        help="where the runs are journaled (default: data/gpu-sweep/<prefix>/journal)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="only the report, from <out>/<prefix>-runs.json"
     )
     args = parser.parse_args()
@@ -144,7 +136,8 @@ def main() -> None:
     out = args.out / f"{args.prefix}-runs.json"
     records = json.loads(out.read_text()) if out.exists() else []
     done = {r["name"] for r in records}
-    jobs = [(name, changes, args.prefix) for name, changes in todo if name not in done]
+    journal = (args.journal or WORK / args.prefix / "journal").resolve()
+    jobs = [(name, changes, args.prefix, journal) for name, changes in todo if name not in done]
     if args.report_only:
         jobs = []
     print(f"{len(jobs)} points to run, {args.workers} at a time", flush=True)
