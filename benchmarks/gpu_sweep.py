@@ -19,6 +19,16 @@ most of an H200 idle; several processes fill it). Writes <out>/<prefix>-runs.jso
 params, train and evaluate metrics, journaled run id and seconds, as each finishes) and the path
 report of stages/experiments/reports/path.py from those runs: <out>/<prefix>-path.md,
 -chosen.json and figures.
+
+Points run before the stages journaled their runs (the committed reports/gpu/*-runs.json have no
+run ids): `--journal-records` only writes each such record into the journal, as a run of what it
+holds (params, train's final metrics, evaluate's metrics and verdict; no per-epoch curves,
+artifacts or model: those stayed on the GPU machine), its id made from the record's file and
+name, so that the replay puts it into MLflow once:
+
+    python benchmarks/gpu_sweep.py --grid learning-curve --prefix curve --out reports/gpu \
+        --journal-records
+    python -m stages.tracking.replay data/gpu-sweep/curve/journal
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import multiprocessing
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,6 +103,66 @@ def run_stages(name: str, changes: dict, prefix: str, journal: Path) -> dict:
     }
 
 
+def journal_records(records: list[dict], journal: Path, source: str) -> int:
+    """The records of points run before they were journaled (they have no run_id) as journaled
+    runs of what a record holds: the params, train's final metrics, evaluate's metrics and
+    verdict; no curves, artifacts or model (those stayed on the GPU machine). Each run's id is
+    made from the record's file and name, so doing it again gives the same runs, which replay
+    then skips. Returns how many runs were written."""
+    from stages.tracking import journal as journaled
+
+    written = 0
+    for record in records:
+        run_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{source}#{record['name']}").hex
+        if "run_id" in record or (journal / run_id).exists():
+            continue
+        run = journaled.start(
+            f"journal:{journal}",
+            record["params"]["mlflow.experiment"],
+            record["name"],
+            {"dvc.exp_name": record["name"], "gpu_sweep.record": source},
+            record["params"],
+            run_id=run_id,
+        )
+        train, evaluate = record["train"], record["evaluate"]
+        now = journaled.now()
+        run.log_metrics({f"final_{k}": v for k, v in train.items() if is_number(v)}, None, now)
+        run.log_metrics(  # what evaluate.log_to_run logs
+            {
+                **{
+                    k: v
+                    for k, v in evaluate.items()
+                    if k.startswith(("test_", "wise_")) and is_number(v)
+                },
+                "generalization_gap": evaluate["generalization_gap"],
+                "overfitting_epoch": evaluate["overfitting_epoch"] or 0,
+                **{f"test_accuracy.{c}": v for c, v in evaluate["per_class_accuracy"].items()},
+            },
+            None,
+            now,
+        )
+        for row in evaluate.get("wise_curve", {}).values():
+            run.log_metrics(
+                {
+                    "wise_curve_val_accuracy": row["val_accuracy"],
+                    "wise_curve_test_accuracy": row["test_accuracy"],
+                },
+                round(100 * row["alpha"]),
+                now,
+            )
+        tags = {"verdict": evaluate["verdict"]}
+        if "wise_fine_tuned_best" in evaluate:
+            tags["wise_fine_tuned_best"] = str(evaluate["wise_fine_tuned_best"]).lower()
+        run.set_tags(tags)
+        run.write({"kind": "end", "status": "FINISHED", "time": journaled.now()})
+        written += 1
+    return written
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def as_mlflow_run(record: dict) -> SimpleNamespace:
     """A record in the shape path.py reads MLflow runs in."""
     metrics = {f"final_{k}": v for k, v in record["train"].items() if isinstance(v, (int, float))}
@@ -119,6 +190,11 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="only the report, from <out>/<prefix>-runs.json"
     )
+    parser.add_argument(
+        "--journal-records",
+        action="store_true",
+        help="only journal the records of <out>/<prefix>-runs.json that predate the journal",
+    )
     args = parser.parse_args()
 
     base = P.read_yaml(REPO / "params.yaml")
@@ -128,15 +204,19 @@ def main() -> None:
     extra = plans.parse_sets(args.set)
     todo = plans.experiments(plan, techniques, seeds, args.prefix, extra, base)
 
-    os.chdir(REPO)
-    if not args.report_only and not (REPO / "data" / "raw" / "meta.json").exists():
-        from stages import download
-
-        download.main()
+    os.chdir(REPO)  # a relative --out or --journal is under the repository
     out = args.out / f"{args.prefix}-runs.json"
     records = json.loads(out.read_text()) if out.exists() else []
     done = {r["name"] for r in records}
     journal = (args.journal or WORK / args.prefix / "journal").resolve()
+    if args.journal_records:
+        written = journal_records(records, journal, out.name)
+        print(f"{written} records journaled: python -m stages.tracking.replay {journal}")
+        return
+    if not args.report_only and not (REPO / "data" / "raw" / "meta.json").exists():
+        from stages import download
+
+        download.main()
     jobs = [(name, changes, args.prefix, journal) for name, changes in todo if name not in done]
     if args.report_only:
         jobs = []

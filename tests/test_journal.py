@@ -221,3 +221,29 @@ def test_nothing_replaces_another_modules_attributes_at_run_time():
                 if isinstance(base, ast.Name) and base.id in imported:
                     found.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(owner)}")
     assert not found, found
+
+
+def test_the_committed_gpu_records_replay_into_mlflow_once(tiny_repo):
+    """reports/gpu/*-runs.json predate the journal: journaled as runs of what they hold."""
+    records = json.loads((tiny_repo / "reports/gpu/net-runs.json").read_text())
+    to_journal = [sys.executable, "benchmarks/gpu_sweep.py", "--grid", "net-targets"]
+    to_journal += ["--prefix", "net", "--out", "reports/gpu", "--journal-records"]
+    env = {"PYTHONPATH": ""}
+    assert f"{len(records)} records journaled" in run(to_journal, tiny_repo, env).stdout
+    assert "0 records journaled" in run(to_journal, tiny_repo, env).stdout
+
+    uri = f"sqlite:///{tiny_repo / 'mlflow.db'}"
+    replay = [sys.executable, "-m", "stages.tracking.replay", "data/gpu-sweep/net/journal"]
+    replay += ["--tracking-uri", uri]
+    assert f"{len(records)} runs replayed" in run(replay, tiny_repo, env).stdout
+    assert "0 runs replayed" in run(replay, tiny_repo, env).stdout
+    client = MlflowClient(uri)
+    found = client.search_runs([client.get_experiment_by_name("overfitting").experiment_id])
+    by_name = {r.info.run_name: r for r in found}
+    assert by_name.keys() == {r["name"] for r in records}
+    for record in records:
+        replayed = by_name[record["name"]].data
+        assert replayed.params == record["params"]
+        assert replayed.metrics["test_accuracy"] == record["evaluate"]["test_accuracy"]
+        assert replayed.metrics["final_val_accuracy"] == record["train"]["val_accuracy"]
+        assert replayed.tags["gpu_sweep.record"] == "net-runs.json"

@@ -100,10 +100,16 @@ class Run:
 
 
 def start(
-    uri: str, experiment: str, run_name: str | None, tags: dict[str, str], params: dict[str, str]
+    uri: str,
+    experiment: str,
+    run_name: str | None,
+    tags: dict[str, str],
+    params: dict[str, str],
+    run_id: str | None = None,
 ) -> Run:
-    """A new run: its start line (experiment, name, tags, time) and its params."""
-    run = Run(folder_of(uri), uuid.uuid4().hex, experiment)
+    """A new run: its start line (experiment, name, tags, time) and its params; a new id unless
+    `run_id` is given (a run made of an older record keeps the same id when made again)."""
+    run = Run(folder_of(uri), run_id or uuid.uuid4().hex, experiment)
     run.write(
         {
             "kind": "start",
