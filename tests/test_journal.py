@@ -6,12 +6,23 @@ from __future__ import annotations
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, copy_repo, run_stage, write_params
+from conftest import (
+    EPOCHS,
+    REPO,
+    TINY,
+    copy_repo,
+    finish,
+    run_stage,
+    start_train,
+    wait_for_checkpoint,
+    write_params,
+)
 from mlflow.tracking import MlflowClient
 
 from stages import augment, download
@@ -83,6 +94,12 @@ def test_a_journaled_run_replays_into_mlflow_once_with_what_mlflow_would_have(wo
             assert (folder / (line.get("file") or line["checkpoint"])).is_file()
     test_accuracy = json.loads((workdir / "metrics/eval.json").read_text())["test_accuracy"]
     assert history(lines, "test_accuracy") == [(None, test_accuracy)]
+    summary = run(
+        [sys.executable, "-m", "stages.tracking.summary"],
+        workdir,
+        {"MLFLOW_TRACKING_URI": "journal:journal"},
+    )
+    assert f"python -m stages.tracking.replay {workdir.resolve() / 'journal'}" in summary.stdout
 
     # A replay cut short before: its run is replaced, not kept beside the new one.
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -124,6 +141,21 @@ def test_a_journaled_run_replays_into_mlflow_once_with_what_mlflow_would_have(wo
     # Again: nothing added.
     assert "0 runs replayed" in run(replay, workdir).stdout
     assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_a_killed_journaled_training_resumes_into_the_same_run(prepared):
+    env = {"MLFLOW_TRACKING_URI": "journal:journal"}
+    proc = start_train(prepared, env)
+    wait_for_checkpoint(prepared, 3, proc)
+    proc.send_signal(signal.SIGKILL)  # no word in the journal: the run stays open
+    proc.wait()
+    result = finish(start_train(prepared, env))
+    assert result.returncode == 0 and "resuming after epoch" in result.stdout, result.stderr
+
+    (folder,) = (prepared / "journal").iterdir()
+    lines = journal_lines(folder)
+    assert [step for step, _ in history(lines, "val_accuracy")] == list(range(1, EPOCHS + 1))
+    assert [line["status"] for line in lines if line["kind"] == "end"] == ["FINISHED"]
 
 
 def test_a_journal_folder_that_is_not_there_is_one_line(workdir):
