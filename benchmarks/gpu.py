@@ -1,5 +1,5 @@
-"""On a GPU: the fast-gpu preset through the train stage's own code, and the `net` epoch against
-the GPU's compute limit.
+"""On a GPU: the fast-gpu preset through the train and evaluate stages' own code, and the `net`
+epoch against the GPU's compute limit.
 
     python benchmarks/gpu.py [--runs 2] [--epochs 24] [--repeats 3] [--out reports/gpu.json]
 
@@ -7,11 +7,14 @@ Needs no MLflow and no DVC (a bare GPU machine may have neither): it prepares th
 download and augment stages' own main() when data/prepared/ is missing (params.yaml's data
 section: the bundled CIFAR-10, 49,000 training and 1,000 validation images), then
 
-  preset   trains `stages/experiments/presets/fast-gpu.yaml` with train's own functions
-           (set_up_model, to_device, set_up_training, train_one_epoch, measure), seed 0, `--runs`
-           times, and measures the 10,000 test images: test accuracy, seconds of each epoch's
-           training (CUDA-synchronized; the clean-set measurements after each epoch are timed
-           apart), and whether the runs agree bit for bit;
+  preset   trains `stages/experiments/presets/fast-gpu.yaml` with train.main() and measures the
+           10,000 test images with evaluate.main(), seed 0, `--runs` times, each in a folder of
+           its own under data/gpu-bench/ (the repository's outputs stay as they are), logging
+           its run to the journal data/gpu-bench/journal (tracking URI `journal:<folder>`;
+           `python -m stages.tracking.replay data/gpu-bench/journal` makes them MLflow runs):
+           test accuracy, the seconds of each epoch's training (the train stage's own
+           `epoch_seconds` metric, read back from the journal; the clean-set measurements after
+           each epoch are not in it), and whether the runs agree bit for bit;
   net      one epoch of the source's `net` (batch 100, lr 0.001) through train_one_epoch against
            forward + backward + step over pre-made GPU batches, with and without crop + flip,
            repeats interleaved, medians: the rows of `make bench` on the GPU.
@@ -23,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,13 +41,15 @@ sys.path.insert(0, str(REPO))
 
 import bench  # noqa: E402  the net epoch rows, here on the GPU
 
-from stages import params as P, train  # noqa: E402
+from stages import evaluate, io as sio, params as P, train  # noqa: E402
 from stages.data import load_split  # noqa: E402
-from stages.networks import predict  # noqa: E402
+from stages.tracking import journal  # noqa: E402
 
 PREPARED = REPO / "data" / "prepared"
 RAW = REPO / "data" / "raw"
 PRESET = REPO / "stages" / "experiments" / "presets" / "fast-gpu.yaml"
+WORK = REPO / "data" / "gpu-bench"
+JOURNAL = f"journal:{WORK / 'journal'}"
 
 
 def prepare_data() -> None:
@@ -59,7 +65,8 @@ def prepare_data() -> None:
     augment_stage.main()
 
 
-def preset_params(epochs: int | None, device: str, extra: list[str]) -> P.Params:
+def preset_params(epochs: int | None, device: str, extra: list[str]) -> dict:
+    """params.yaml with the preset, the device, the epochs and `extra` on top (validated)."""
     changes = yaml.safe_load(PRESET.read_text())
     changes["train.device"] = device
     if epochs:
@@ -67,52 +74,41 @@ def preset_params(epochs: int | None, device: str, extra: list[str]) -> P.Params
     for item in extra:  # key=value on top of the preset, as with dvc exp run -S
         key, _, value = item.partition("=")
         changes[key] = yaml.safe_load(value)
-    return P.parse(P.with_changes(P.read_yaml(REPO / "params.yaml"), changes))
+    params = P.with_changes(P.read_yaml(REPO / "params.yaml"), changes)
+    P.parse(params)
+    return params
 
 
-def train_preset(params: P.Params) -> dict:
-    """What train.main does, minus MLflow, checkpoints and outputs; every epoch timed."""
-    proc = train.set_up_process(params)
-    torch.manual_seed(params.seed)
-    data = train.load_data(PREPARED)
-    model = train.set_up_model(params, data)
-    data, model = train.to_device(data, model, proc, params.train.compile)
-    state = train.set_up_training(params, data, model)
-    train_seconds, measure_seconds, history = [], [], []
-    for epoch in range(1, params.train.epochs + 1):
-        bench.synchronize(proc.device)
-        start = time.perf_counter()
-        train.run_epoch(params, data, model, state, epoch)
-        bench.synchronize(proc.device)
-        middle = time.perf_counter()
-        row = {
-            "epoch": epoch,
-            **predict.measure(model.for_measuring, data.train_x, data.train_y, "train"),
-            **predict.measure(model.for_measuring, data.val_x, data.val_y, "val"),
-        }
-        bench.synchronize(proc.device)
-        train_seconds.append(middle - start)
-        measure_seconds.append(time.perf_counter() - middle)
-        history.append(row)
-        print(
-            f"  epoch {epoch:2d}: train {middle - start:.2f} s, train acc "
-            f"{row['train_accuracy']:.4f}, val acc {row['val_accuracy']:.4f}",
-            flush=True,
-        )
-    test_x, test_y = load_split(RAW, "test")
-    test = predict.measure(
-        model.for_measuring, test_x.to(proc.device), test_y.to(proc.device), "test"
-    )
-    weights = {k: v.detach().float().cpu() for k, v in model.module.state_dict().items()}
+def train_preset(params: dict, name: str) -> dict:
+    """train.main() and evaluate.main() in the folder data/gpu-bench/<name>, as `dvc repro`
+    would run them there; their metrics, each epoch's training seconds and the weights."""
+    folder = WORK / name
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "data").mkdir(parents=True)
+    for split in ("prepared", "raw"):
+        (folder / "data" / split).symlink_to(REPO / "data" / split)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    os.chdir(folder)
+    os.environ["MLFLOW_TRACKING_URI"] = JOURNAL  # the stages' own tracking, without MLflow
+    train.main()
+    evaluate.main()
+    run_id = sio.read_json(folder / "models" / "run.json")["run_id"]
+    train_seconds = [  # one per epoch, in order
+        line["metrics"]["epoch_seconds"]
+        for line in journal.reopen(JOURNAL, run_id).lines()
+        if line["kind"] == "metrics" and "epoch_seconds" in line["metrics"]
+    ]
+    trained = sio.read_json(folder / "metrics" / "train.json")
+    saved = sio.load_torch(folder / "models" / "model.pt")["state_dict"]
     return {
-        "test_accuracy": test["test_accuracy"],
-        "train_accuracy": history[-1]["train_accuracy"],
-        "val_accuracy": history[-1]["val_accuracy"],
+        "run_id": run_id,
+        "test_accuracy": sio.read_json(folder / "metrics" / "eval.json")["test_accuracy"],
+        "train_accuracy": trained["train_accuracy"],
+        "val_accuracy": trained["val_accuracy"],
         "train_seconds_per_epoch": train_seconds,
-        "measure_seconds_per_epoch": measure_seconds,
         "train_seconds_total": sum(train_seconds),
         "train_seconds_after_first_epoch": sum(train_seconds[1:]),
-        "_weights": weights,
+        "_weights": {k: v.float() for k, v in saved.items()},
     }
 
 
@@ -152,6 +148,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "gpu.json")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # the runs change the working folder
     prepare_data()
     device = torch.device(args.device)
     result = {
@@ -167,7 +164,8 @@ def main() -> None:
         runs = []
         for i in range(args.runs):
             print(f"fast-gpu preset, run {i + 1}/{args.runs}", flush=True)
-            runs.append(train_preset(params))
+            runs.append(train_preset(params, f"run-{i + 1}"))
+        os.chdir(REPO)
         first = runs[0].pop("_weights")
         for run in runs[1:]:
             other = run.pop("_weights")
@@ -175,8 +173,8 @@ def main() -> None:
                 (first[k] - other[k]).abs().max().item() for k in first
             )
         result["preset"] = {
-            "epochs": params.train.epochs,
-            "seed": params.seed,
+            "epochs": P.parse(params).train.epochs,
+            "seed": P.parse(params).seed,
             "changes": args.extra,
             "runs": runs,
         }

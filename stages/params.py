@@ -250,7 +250,8 @@ class Evaluate(Section):
 
 class Mlflow(Section):
     experiment: str = Field("overfitting", min_length=1)
-    # null: $MLFLOW_TRACKING_URI if set, else sqlite:///<repository root>/mlflow.db
+    # null: $MLFLOW_TRACKING_URI if set, else sqlite:///<repository root>/mlflow.db;
+    # journal:<folder>: no MLflow, a journal replayed later (stages/tracking/journal.py)
     tracking_uri: str | None = None
 
 

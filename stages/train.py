@@ -3,7 +3,9 @@
 Reads params: seed, data.normalize, model.*, train.*, augment.* (the online policy, mixup and
 cutmix), tasks.* (auxiliary tasks on the same backbone: stages/networks/tasks.py), mlflow.*.
 mlflow.* (where the run is logged) and train.feature_cache (how, not what, it computes) are no
-DVC params of the stage: changing them reruns nothing (params.NOT_RESULT_KEYS).
+DVC params of the stage: changing them reruns nothing (params.NOT_RESULT_KEYS). With the tracking
+URI `journal:<folder>` (a machine without MLflow) the run is written to a journal there instead,
+without importing mlflow, and replayed into MLflow later (stages/tracking/journal.py).
 Writes models/model.pt (state dict + the params it was trained with), models/run.json (the MLflow
 run id, for evaluate), metrics/train.json and reports/train_curves.{csv,png}.
 
@@ -97,7 +99,7 @@ def main() -> None:
         if proc.logs:
             log_start(model, proc)
             if state.run_id:  # a kill between an epoch's logging and its checkpoint
-                state.logged_epochs = runs.last_step(run.info.run_id, "val_accuracy")
+                state.logged_epochs = runs.last_step("val_accuracy")
         fit(params, data, model, state, proc, run, checkpoint, trial.for_this_run())
         if proc.logs:
             write_outputs(params, data, model, state, run)

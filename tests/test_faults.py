@@ -13,7 +13,7 @@ from conftest import TINY, finish, start_train, wait_for_checkpoint, write_param
 from mlflow.tracking import MlflowClient
 
 from stages import errors, io as sio
-from stages.tracking import replay, runs
+from stages.tracking import replay, runs, store
 
 
 def mlflow_runs(cwd):
@@ -106,7 +106,7 @@ def test_sigterm_inside_a_sqlite_write_still_ends_the_run_killed(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     mlflow.set_tracking_uri(uri)
-    run = mlflow.start_run(experiment_id=runs._experiment_id("x", uri))
+    run = mlflow.start_run(experiment_id=store.experiment_id("x", uri))
 
     def sigterm_in_the_write(conn, cursor, statement, *args):
         if statement.startswith("INSERT INTO metrics"):

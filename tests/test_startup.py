@@ -41,7 +41,12 @@ def test_stage_imports_no_heavy_module(stage):
 
 def test_tracking_modules_import_no_mlflow():
     """The reachability check and the run's helpers come before MLflow itself."""
-    for module in ("stages.tracking.store", "stages.tracking.runs", "stages.tracking.replay"):
+    for module in (
+        "stages.tracking.store",
+        "stages.tracking.runs",
+        "stages.tracking.replay",
+        "stages.tracking.journal",
+    ):
         assert "mlflow" not in loaded_modules(module), module
 
 

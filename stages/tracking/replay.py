@@ -1,12 +1,25 @@
-"""Send the logging that a dead tracking server missed: `python -m stages.tracking.replay`.
+"""Send journaled logging to MLflow: `python -m stages.tracking.replay [FOLDER] [--tracking-uri URI]`.
 
-stages/tracking/runs.py journals every call a run could not send under
-data/mlflow-missed/<run id>/; this sends each journal to its run, in order, and removes it when
-all went through. A missed model is rebuilt from the journaled checkpoint and logged anew.
+Two journals hold the same logging calls (metrics with their step and time, tags, artifacts, the
+model's checkpoint, the run's end), and are sent the same way:
+
+- without FOLDER: the logging that a dead tracking server missed. stages/tracking/runs.py
+  journals every call a run could not send under data/mlflow-missed/<run id>/; each journal is
+  sent to its run, in order, and removed when all went through.
+- with FOLDER: the runs of a machine without MLflow (tracking URI `journal:<folder>`,
+  stages/tracking/journal.py). Each journaled run becomes one MLflow run of the store (--tracking-uri,
+  else $MLFLOW_TRACKING_URI, `mlflow.tracking_uri` or mlflow.db, as for the stages) with the same
+  experiment, name, tags, params, metrics, artifacts, model and status, and the tag
+  journal.run_id. A run already replayed is skipped, so replaying again adds nothing; one whose
+  replay was cut short is replayed anew. The journal stays as it is.
+
+A missed or journaled model is rebuilt from its checkpoint and logged anew.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -15,22 +28,32 @@ from stages import io as sio, params as P
 from stages.errors import StageError
 from stages.networks.build import build_model
 from stages.runtime import repo_root
-from stages.tracking import flavour
+from stages.tracking import flavour, journal, store
 from stages.tracking.store import check_reachable
 
 MISSED = Path("data/mlflow-missed")  # under the repository root
+REPLAYED = "journal.run_id"  # the tag naming the journaled run an MLflow run was replayed from
+COMPLETE = "journal.replayed"  # set when all of it went through
 
 
 def replay(folder: Path) -> None:
-    """Send a journal's calls to its run, in order; remove the journal when all went through."""
-    from mlflow.entities import Metric
+    """Send a missed-logging journal's calls to its run, in order; remove the journal when all
+    went through."""
     from mlflow.tracking import MlflowClient
 
-    journal = sio.read_json(Path(folder) / "journal.json")
-    uri, run_id = journal["tracking_uri"], journal["run_id"]
+    missed = sio.read_json(Path(folder) / "journal.json")
+    uri, run_id = missed["tracking_uri"], missed["run_id"]
     check_reachable(uri)
-    client = MlflowClient(uri)
-    for call in journal["calls"]:
+    send(MlflowClient(uri), uri, run_id, missed["calls"], Path(folder))
+    shutil.rmtree(folder)
+
+
+def send(client, uri: str, run_id: str, calls: list[dict], folder: Path) -> None:
+    """The calls, in order, to the MLflow run `run_id`; their files' paths are under `folder`
+    (or absolute)."""
+    from mlflow.entities import Metric
+
+    for call in calls:
         if call["kind"] == "metrics":
             client.log_batch(
                 run_id,
@@ -43,12 +66,11 @@ def replay(folder: Path) -> None:
             for key, value in call["tags"].items():
                 client.set_tag(run_id, key, value)
         elif call["kind"] == "artifact":
-            client.log_artifact(run_id, call["file"], call["folder"])
+            client.log_artifact(run_id, str(folder / call["file"]), call["folder"])
         elif call["kind"] == "model":
-            _replay_model(uri, run_id, Path(call["checkpoint"]))
+            _replay_model(uri, run_id, folder / call["checkpoint"])
         elif call["kind"] == "end":
-            client.set_terminated(run_id, call["status"])
-    shutil.rmtree(folder)
+            client.set_terminated(run_id, call["status"], end_time=call.get("time"))
 
 
 def _replay_model(uri: str, run_id: str, checkpoint: Path) -> None:
@@ -65,15 +87,91 @@ def _replay_model(uri: str, run_id: str, checkpoint: Path) -> None:
         flavour.log_model(model.eval(), example, checkpoint)
 
 
+def replay_journal(folder: Path, uri: str) -> dict[str, list[str]]:
+    """Every run journaled under `folder` into the store at `uri`: the journaled run ids that
+    were replayed, were there already, and are still open (not replayed: a run is replayed once
+    it has ended, evaluate's logging included)."""
+    from mlflow.tracking import MlflowClient
+
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    outcome: dict[str, list[str]] = {"replayed": [], "there": [], "open": []}
+    for path in sorted(Path(folder).glob(f"*/{journal.JOURNAL}")):
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        if lines[-1]["kind"] != "end":
+            outcome["open"].append(path.parent.name)
+        elif _replay_run(client, uri, path.parent, lines):
+            outcome["replayed"].append(path.parent.name)
+        else:
+            outcome["there"].append(path.parent.name)
+    return outcome
+
+
+def _replay_run(client, uri: str, folder: Path, lines: list[dict]) -> bool:
+    """One journaled run as a new MLflow run; False when a complete replay of it is there."""
+    from mlflow.entities import Param
+
+    (start, params), calls = lines[:2], lines[2:]
+    experiment_id = store.experiment_id(start["experiment"], uri)
+    for found in client.search_runs(
+        [experiment_id], filter_string=f"tags.`{REPLAYED}` = '{folder.name}'"
+    ):
+        if found.data.tags.get(COMPLETE) == "true":
+            return False
+        client.delete_run(found.info.run_id)  # cut short: replayed anew
+    run = client.create_run(
+        experiment_id,
+        start_time=start["time"],
+        tags={**start["tags"], REPLAYED: folder.name},
+        run_name=start["run_name"],
+    )
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params["params"].items()])
+    send(client, uri, run_id, calls, folder)
+    client.set_tag(run_id, COMPLETE, "true")
+    return True
+
+
 def main() -> None:
-    """python -m stages.tracking.replay: send every journal under data/mlflow-missed/."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.tracking.replay",
+        description="Send journaled logging to MLflow: without FOLDER, the logging that a dead "
+        "tracking server missed (data/mlflow-missed/); with FOLDER, the runs journaled there "
+        "(tracking URI journal:FOLDER) as one MLflow run each.",
+    )
+    parser.add_argument("folder", nargs="?", type=Path, help="a journal:FOLDER's folder")
+    parser.add_argument(
+        "--tracking-uri", help="the store to replay FOLDER into (default: as for the stages)"
+    )
+    args = parser.parse_args()
+    try:
+        if args.folder is None:
+            replay_missed()
+        else:
+            uri = args.tracking_uri or store.tracking_uri(
+                P.load().mlflow if Path(P.PARAMS_FILE).exists() else P.Mlflow()
+            )
+            if journal.is_journal(uri):
+                raise StageError(f"{uri} is a journal, not an MLflow store: pass --tracking-uri")
+            if not args.folder.is_dir():
+                raise StageError(f"{args.folder}: no such folder")
+            outcome = replay_journal(args.folder, uri)
+            print(
+                f"{len(outcome['replayed'])} runs replayed into {uri}, "
+                f"{len(outcome['there'])} already there"
+            )
+            if outcome["open"]:
+                print(f"still open, not replayed: {', '.join(outcome['open'])}")
+    except StageError as exc:
+        sys.exit(f"error (tracking): {exc}")
+
+
+def replay_missed() -> None:
+    """Send every journal under data/mlflow-missed/."""
     folders = sorted((repo_root() / MISSED).glob("*/journal.json"))
-    for journal in folders:
-        try:
-            replay(journal.parent)
-            print(f"replayed {journal.parent.name}")
-        except StageError as exc:
-            sys.exit(f"error (tracking): {exc}")
+    for missed in folders:
+        replay(missed.parent)
+        print(f"replayed {missed.parent.name}")
     if not folders:
         print(f"nothing to replay in {repo_root() / MISSED}")
 

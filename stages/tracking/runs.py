@@ -5,11 +5,14 @@ evaluate logs into the same run. If the tracking server stops answering mid-run,
 on: from the first failed call on, every logging call is written to a journal,
 data/mlflow-missed/<run id>/journal.json under the repository root, which is sent once more when
 the stage ends and can be replayed later with `python -m stages.tracking.replay`.
+
+The stages log through this module's functions only; behind them is a Tracker. With a tracking
+URI `journal:<folder>` (a machine without MLflow) the run is opened by stages/tracking/journal.py
+and every call goes to its journal instead, mlflow never imported; otherwise, MLflow.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -20,12 +23,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from stages import io as sio, params as P
 from stages.errors import uninterrupted
 from stages.runtime import repo_root
-from stages.tracking import flavour
+from stages.tracking import flavour, journal, store
 from stages.tracking.replay import MISSED, replay
 from stages.tracking.store import check_reachable, tracking_uri
 
@@ -35,47 +38,6 @@ if TYPE_CHECKING:
 # mlflow is imported where it is first used, not here: `import mlflow` takes seconds (it pulls in
 # pandas, its GenAI and gateway modules), and a stage should start its work, and the tracking
 # server check, without waiting for it.
-
-
-@contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """Serialize the first contact with a SQLite store across processes: MLflow creates its
-    tables on first use, and two workers doing that at once fail ('table ... already exists')."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    lock = Path(uri[len("sqlite:///") :] + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _experiment_id(name: str, uri: str) -> str:
-    """Get or create the experiment; safe when several workers create it at the same time."""
-    with _store_lock(uri):
-        return _get_or_create_experiment(name, uri)
-
-
-def _get_or_create_experiment(name: str, uri: str) -> str:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifacts = (repo_root() / "mlruns").as_uri() if uri.startswith("sqlite:") else None
-    try:
-        return client.create_experiment(name, artifact_location=artifacts)
-    except mlflow.exceptions.MlflowException:
-        experiment = client.get_experiment_by_name(name)  # another worker won the race
-        if experiment is None:
-            raise
-        return experiment.experiment_id
 
 
 def _git(*args: str) -> str:
@@ -105,10 +67,24 @@ def run_tags(params: P.Params) -> dict[str, str]:
 @contextmanager
 def start_run(
     params: P.Params, data_sha256: str | None, resume_id: str | None = None
-) -> Iterator[mlflow.ActiveRun]:
+) -> Iterator[mlflow.ActiveRun | journal.Run]:
     """Open the pipeline run, with every param flattened under its params.yaml name; or reopen
     `resume_id`, the run of an interrupted training that is being resumed."""
     uri = tracking_uri(params.mlflow)
+    if journal.is_journal(uri):
+        with _journaled(
+            journal.reopen(uri, resume_id)
+            if resume_id
+            else journal.start(
+                uri,
+                params.mlflow.experiment,
+                os.environ.get("DVC_EXP_NAME"),
+                _start_tags(params, data_sha256),
+                {k: str(v) for k, v in P.flatten(params).items()},  # as mlflow.log_params has them
+            )
+        ) as run:
+            yield run
+        return
     check_reachable(uri)
     import mlflow
 
@@ -119,11 +95,9 @@ def start_run(
         with _ended_by_outcome(run):
             yield run
         return
-    tags = run_tags(params)
-    if data_sha256:
-        tags["data.sha256"] = data_sha256
+    tags = _start_tags(params, data_sha256)
     with uninterrupted():
-        experiment_id = _experiment_id(params.mlflow.experiment, uri)
+        experiment_id = store.experiment_id(params.mlflow.experiment, uri)
         run = mlflow.start_run(
             experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"), tags=tags
         )
@@ -133,9 +107,20 @@ def start_run(
         yield run
 
 
+def _start_tags(params: P.Params, data_sha256: str | None) -> dict[str, str]:
+    tags = run_tags(params)
+    if data_sha256:
+        tags["data.sha256"] = data_sha256
+    return tags
+
+
 @contextmanager
-def resume_run(run_id: str, mlflow_params: P.Mlflow) -> Iterator[mlflow.ActiveRun]:
+def resume_run(run_id: str, mlflow_params: P.Mlflow) -> Iterator[mlflow.ActiveRun | journal.Run]:
     uri = tracking_uri(mlflow_params)
+    if journal.is_journal(uri):
+        with _journaled(journal.reopen(uri, run_id)) as run:
+            yield run
+        return
     check_reachable(uri)
     import mlflow
 
@@ -144,6 +129,31 @@ def resume_run(run_id: str, mlflow_params: P.Mlflow) -> Iterator[mlflow.ActiveRu
         run = mlflow.start_run(run_id=run_id)
     with _ended_by_outcome(run):
         yield run
+
+
+# --- where the logging calls go -------------------------------------------------------------------
+
+
+class Tracker(Protocol):
+    """What the stages log to: MLflow (MlflowTracker, below) or a journal (journal.Run)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None, timestamp: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_artifact(self, path: Path, folder: str | None) -> None: ...
+    def log_model(self, model, example_input, checkpoint: Path) -> None: ...
+    def last_step(self, metric: str) -> int: ...
+
+
+@contextmanager
+def _journaled(run: journal.Run) -> Iterator[journal.Run]:
+    """Send the logging calls to the journaled run while it is open; ended by its outcome."""
+    global _tracker
+    _tracker = run
+    try:
+        with journal.ended_by_outcome(run):
+            yield run
+    finally:
+        _tracker = MLFLOW
 
 
 @contextmanager
@@ -231,32 +241,63 @@ def _flush_journal() -> None:
         )
 
 
+class MlflowTracker:
+    """The MLflow run that start_run or resume_run opened (mlflow's active run)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None, timestamp: int) -> None:
+        import mlflow
+
+        _call(
+            lambda: mlflow.log_metrics(metrics, step=step, timestamp=timestamp),
+            lambda: {"kind": "metrics", "metrics": metrics, "step": step, "timestamp": timestamp},
+        )
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        _call(lambda: mlflow.set_tags(tags), lambda: {"kind": "tags", "tags": tags})
+
+    def log_artifact(self, path: Path, folder: str | None) -> None:
+        import mlflow
+
+        _call(
+            lambda: mlflow.log_artifact(str(path), artifact_path=folder),
+            lambda: {"kind": "artifact", "file": _keep_file(path), "folder": folder},
+        )
+
+    def log_model(self, model, example_input, checkpoint: Path) -> None:
+        _call(
+            lambda: flavour.log_model(model, example_input, checkpoint),
+            lambda: {"kind": "model", "checkpoint": _keep_file(checkpoint)},
+        )
+
+    def last_step(self, metric: str) -> int:
+        import mlflow
+
+        run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+        history = mlflow.MlflowClient().get_metric_history(run_id, metric)
+        return max((m.step for m in history), default=0)
+
+
+MLFLOW = MlflowTracker()
+_tracker: Tracker = MLFLOW  # a journaled run's, while one is open (_journaled)
+
+
+# --- what the stages call -------------------------------------------------------------------------
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     metrics = {k: float(v) for k, v in metrics.items()}
-    timestamp = int(time.time() * 1000)
-    import mlflow
-
-    _call(
-        lambda: mlflow.log_metrics(metrics, step=step, timestamp=timestamp),
-        lambda: {"kind": "metrics", "metrics": metrics, "step": step, "timestamp": timestamp},
-    )
+    _tracker.log_metrics(metrics, step, int(time.time() * 1000))
 
 
-def last_step(run_id: str, metric: str) -> int:
-    """The highest step of `metric` that the run has logged (0 for none)."""
-    import mlflow
-
-    history = mlflow.MlflowClient().get_metric_history(run_id, metric)
-    return max((m.step for m in history), default=0)
+def last_step(metric: str) -> int:
+    """The highest step of `metric` that the open run has logged (0 for none)."""
+    return _tracker.last_step(metric)
 
 
 def log_artifact(path: Path, folder: str | None = None) -> None:
-    import mlflow
-
-    _call(
-        lambda: mlflow.log_artifact(str(path), artifact_path=folder),
-        lambda: {"kind": "artifact", "file": _keep_file(path), "folder": folder},
-    )
+    _tracker.log_artifact(path, folder)
 
 
 def log_model(model, example_input, checkpoint: Path) -> None:
@@ -264,15 +305,9 @@ def log_model(model, example_input, checkpoint: Path) -> None:
     'pt2' format (a torch.export graph, no pickled code), traced on the example input.
     `checkpoint` (the stage's state dict file, models/model.pt) goes with it as
     extra_files/model.pt: model.pretrained = runs:/<id>/model starts a new run from it. It also
-    rebuilds the model if the call has to be replayed."""
-    _call(
-        lambda: flavour.log_model(model, example_input, checkpoint),
-        lambda: {"kind": "model", "checkpoint": _keep_file(checkpoint)},
-    )
+    rebuilds the model if the call has to be replayed (and from a journaled run)."""
+    _tracker.log_model(model, example_input, checkpoint)
 
 
 def set_tags(tags: dict[str, Any]) -> None:
-    tags = {k: str(v) for k, v in tags.items()}
-    import mlflow
-
-    _call(lambda: mlflow.set_tags(tags), lambda: {"kind": "tags", "tags": tags})
+    _tracker.set_tags({k: str(v) for k, v in tags.items()})
