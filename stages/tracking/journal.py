@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,11 +133,12 @@ def reopen(uri: str, run_id: str) -> Run:
 
 
 @contextmanager
-def ended_by_outcome(run: Run) -> Iterator[Run]:
-    """End the run FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, as runs.py ends an MLflow run."""
+def ended_by_outcome(end: Callable[[str], None]) -> Iterator[None]:
+    """Run the block, then `end(status)`: FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any other
+    error). A journaled run and an MLflow run (runs.py) both end this way."""
     status = "FINISHED"
     try:
-        yield run
+        yield
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -145,7 +146,7 @@ def ended_by_outcome(run: Run) -> Iterator[Run]:
         status = "FAILED"
         raise
     finally:
-        run.write({"kind": "end", "status": status, "time": now()})
+        end(status)
 
 
 def now() -> int:

@@ -150,7 +150,9 @@ def _journaled(run: journal.Run) -> Iterator[journal.Run]:
     global _tracker
     _tracker = run
     try:
-        with journal.ended_by_outcome(run):
+        with journal.ended_by_outcome(
+            lambda status: run.write({"kind": "end", "status": status, "time": journal.now()})
+        ):
             yield run
     finally:
         _tracker = MLFLOW
@@ -164,16 +166,8 @@ def _ended_by_outcome(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
 
     global _journal
     _journal = None
-    status = "FINISHED"
-    try:
-        yield run
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
-    finally:
+
+    def end(status: str) -> None:
         _call(
             lambda: mlflow.end_run(status),
             lambda: {"kind": "end", "status": status},
@@ -181,6 +175,9 @@ def _ended_by_outcome(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
         )
         if _journal is not None:
             _flush_journal()
+
+    with journal.ended_by_outcome(end):
+        yield run
 
 
 # --- logging that a dead tracking server cannot stop ----------------------------------------------
