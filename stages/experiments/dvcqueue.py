@@ -114,15 +114,21 @@ def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10) -> list[str]
     return failed
 
 
-def result_line(name: str) -> str:
-    """Test accuracy and minutes (train + evaluate) of the experiment's MLflow run."""
+def finished_run(name: str):
+    """The experiment's finished MLflow run; for one that DVC's run cache restored (nothing ran,
+    nothing was logged), the run recorded for it now (restored.py); None when there is neither."""
     from stages.experiments import reports, restored
 
     client, experiment_id, _, _ = reports.open_experiment()
-    found = reports.finished_runs(client, experiment_id, name=name) if experiment_id else {}
-    run = found.get(name)
-    if run is None and experiment_id:  # DVC's run cache restored it: nothing ran, nothing logged
-        run = restored.record(client, experiment_id, name)
+    if experiment_id is None:
+        return None
+    run = reports.finished_runs(client, experiment_id, name=name).get(name)
+    return run or restored.record(client, experiment_id, name)
+
+
+def result_line(name: str) -> str:
+    """Test accuracy and minutes (train + evaluate) of the experiment's MLflow run."""
+    run = finished_run(name)
     if run is None or "test_accuracy" not in run.data.metrics:
         return "finished, but no evaluated MLflow run of that name"
     accuracy = f"test accuracy {100 * run.data.metrics['test_accuracy']:.1f}%"
