@@ -145,6 +145,10 @@ def test_a_space_is_read_with_its_conditions_and_search_settings(tmp_path, monke
         ("space:\n  train.lr: {normal: [0, 1]}\n", "expected one of log_uniform"),
         ("space:\n  train.lr: {uniform: [0.01, 0.1], when: {x: 1}}\n", "when names params"),
         ("search: {pruner: median}\nspace:\n  train.lr: {uniform: [0.01, 0.1]}\n", "pruner"),
+        (
+            "search: {target: {val_accuracy: 0.5}}\nspace:\n  train.lr: {uniform: [0.01, 0.1]}\n",
+            "search.target is {val_accuracy: a fraction, epochs: a count}",
+        ),
     ],
 )
 def test_a_bad_plan_is_refused_with_one_line(tmp_path, monkeypatch, text, message):

@@ -143,3 +143,45 @@ def test_the_quick_pass_is_one_command_in_the_readme_and_the_docs():
     assert readme and "--set train.optimizer=adam" in readme.group(1)
     docs = (REPO / "docs/experiments.md").read_text()
     assert f"python -m stages.experiments.engine run --grid sweep {readme.group(1)}" in docs
+
+
+def test_a_search_report_says_when_the_target_was_reached_and_the_epochs_spent_by_then():
+    """The first trial to end at or above the target (by time, not by number), and every epoch
+    of the trials that had started by then, the one beside it included."""
+    from datetime import datetime, timedelta
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    from stages.experiments.reports import search
+
+    t0 = datetime(2026, 1, 1)
+    study = optuna.create_study(direction="maximize")
+    # (state, value, epochs, start minute, end minute)
+    for state, value, epochs, start, end in [
+        (TrialState.COMPLETE, 0.50, 6, 0, 6),  # below the target
+        (TrialState.PRUNED, 0.30, 2, 0, 2),
+        (TrialState.COMPLETE, 0.61, 6, 2, 9),  # reaches it, but ends after trial 3
+        (TrialState.COMPLETE, 0.58, 6, 6, 8),  # reaches it first
+        (TrialState.COMPLETE, 0.70, 6, 9, 15),  # started after: not counted
+    ]:
+        study.add_trial(
+            FrozenTrial(
+                number=0, trial_id=0, state=state, value=value, values=None,
+                datetime_start=t0 + timedelta(minutes=start),
+                datetime_complete=t0 + timedelta(minutes=end),
+                params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
+                user_attrs={}, system_attrs={},
+                intermediate_values={e: value for e in range(1, epochs + 1)},
+            )
+        )  # fmt: skip
+    assert search.reached(study, 0.57) == {"trial": 3, "value": 0.58, "trials": 4, "epochs": 20}
+    assert search.reached(study, 0.9) is None
+    plan = plans.Plan("joint", "space", "j", {}, (0,), {}, search={"target": {
+        "val_accuracy": 0.57, "epochs": 100}})  # fmt: skip
+    counts = search.summary(study)
+    assert counts["wall_minutes"] == 15
+    (line, _) = search.target_lines(plan, study, "j", counts)
+    assert "first reached by j-t3 (58.0%), after at most 20 epochs in 4 trials" in line
+    assert "(**20%** of the 100 epochs" in line

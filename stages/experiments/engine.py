@@ -41,6 +41,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -187,6 +188,11 @@ def storage_for(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE
     import optuna
     import sqlalchemy
 
+    # The heartbeat and its retry are marked experimental, and Optuna expects heartbeats with its
+    # own study.optimize(), which the engine doesn't use (each trial is a DVC experiment): the
+    # warnings say nothing a user can act on.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     for attempt in range(3):  # two workers making a new storage's tables at once: one loses
         try:
             return optuna.storages.RDBStorage(

@@ -9,8 +9,10 @@ A plan is the `regime` every experiment starts from, the `seeds`, and one of
   a learning curve, where x is data.train_size and the first technique is the reference);
 - `space`: a search, each param a distribution ({log_uniform | uniform: [low, high]},
   {int: [low, high]}, {categorical: [choices]}), optionally only `when` other params of the
-  space have given values; `search` holds its sampler seed, its pruner and the epochs a trial
-  runs at least before it may be pruned.
+  space have given values; `search` holds its sampler seed, its pruner, the epochs a trial
+  runs at least before it may be pruned, the seeds its best recipe is rerun with, and optionally
+  a `target` ({val_accuracy, epochs}: what another way reached, and the epochs it spent) that
+  the report measures the search against.
 
 `shared:` holds YAML anchors that rows or techniques merge in; `prefix:` the experiments' names
 (default: the plan's name); `report:` a study's table file under reports/ (default:
@@ -36,7 +38,9 @@ KINDS = ("rows", "techniques", "space")
 PLAN_KEYS = {"regime", "seeds", "shared", "prefix", "report", "baseline", "search", *KINDS}
 TECHNIQUE_KEYS = {"param", "values", "points", "scale", "with"}
 DISTRIBUTIONS = ("log_uniform", "uniform", "int", "categorical")
-SEARCH_KEYS = {"seed", "pruner", "min_epochs", "seeds_of_the_best"}
+SEARCH_KEYS = {"seed", "pruner", "min_epochs", "seeds_of_the_best", "target"}
+TARGET_KEYS = {"val_accuracy", "epochs"}  # search.target: a validation accuracy to reach, and
+# the epochs another way spent reaching it (the report says when the search got there)
 PRUNERS = ("hyperband", "halving", "none")
 
 
@@ -233,6 +237,16 @@ def _search(path: Path, search: dict) -> dict:
     settings.update(search)
     if settings["pruner"] not in PRUNERS:
         raise ParamsError(f"{path}: search.pruner is one of {', '.join(PRUNERS)}")
+    target = settings.get("target")
+    if target is not None and (
+        not isinstance(target, dict)
+        or set(target) != TARGET_KEYS
+        or not all(_number(v) and v > 0 for v in target.values())
+    ):
+        raise ParamsError(
+            f"{path}: search.target is {{val_accuracy: a fraction, epochs: a count}}, "
+            f"not {target!r}"
+        )
     return settings
 
 

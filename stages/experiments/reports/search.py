@@ -40,12 +40,39 @@ def summary(study) -> dict:
         for t in ended
         if t.datetime_complete and t.datetime_start
     )
+    spans = [(t.datetime_start, t.datetime_complete) for t in ended if t.datetime_complete]
+    wall = (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds() if spans else 0
     return {
+        "wall_minutes": wall / 60,
         "complete": len(by_state[TrialState.COMPLETE]),
         "pruned": len(by_state[TrialState.PRUNED]),
         "failed": len(by_state[TrialState.FAIL]),
         "epochs": sum(len(t.intermediate_values) for t in ended),
         "minutes": minutes,
+    }
+
+
+def reached(study, target: float) -> dict | None:
+    """When the search first reached validation accuracy `target`: the first trial to end with
+    it (by the time it ended), and the epochs of every trial that had started by then, counted
+    whole (a trial running beside it may have gone on after: an upper bound). None if none did."""
+    from optuna.trial import TrialState
+
+    ended = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if t.datetime_complete and t.datetime_start
+    ]
+    hits = [t for t in ended if t.state == TrialState.COMPLETE and t.value >= target]
+    if not hits:
+        return None
+    first = min(hits, key=lambda t: t.datetime_complete)
+    by_then = [t for t in ended if t.datetime_start <= first.datetime_complete]
+    return {
+        "trial": first.number,
+        "value": first.value,
+        "trials": len(by_then),
+        "epochs": sum(len(t.intermediate_values) for t in by_then),
     }
 
 
@@ -72,10 +99,13 @@ def text(plan: plans.Plan, study, prefix: str, by_name: dict, chosen_alone: dict
         "",
         f"{counts['complete'] + counts['pruned']} trials ({counts['complete']} complete, "
         f"{counts['pruned']} pruned, {counts['failed']} failed), {counts['epochs']} epochs, "
-        f"{counts['minutes']:.0f} minutes of trials. Each trial is seed {plan.seeds[0]}; the "
+        f"{counts['minutes']:.0f} minutes of trials ({counts['wall_minutes']:.0f} minutes from "
+        "the first trial's start to the last one's end, with workers side by side; the DVC "
+        "queue's start-up and the reruns not included). Each trial is seed {plan.seeds[0]}; the "
         f"best is chosen on validation accuracy (the value Optuna maximizes), and its recipe is "
         "then rerun unpruned with more seeds, whose test accuracy is read once.",
         "",
+        *target_lines(plan, study, prefix, counts),
         f"## The best trial: {plans.trial_name(prefix, best.number)}",
         "",
         f"Validation accuracy {100 * best.value:.1f}% (the trial, seed {plan.seeds[0]}).",
@@ -104,6 +134,29 @@ def text(plan: plans.Plan, study, prefix: str, by_name: dict, chosen_alone: dict
         lines += [f"| `{p}` | {v:.2f} |" for p, v in importances.items()]
     runs = len(rerun) + sum(1 for t in study.get_trials(deepcopy=False) if t.value is not None)
     return "\n".join([*lines, "", reports.RUNS_LINE.format(n=runs)]) + "\n"
+
+
+def target_lines(plan: plans.Plan, study, prefix: str, counts: dict) -> list[str]:
+    """The plan's search.target against what the search spent reaching it."""
+    target = plan.search.get("target")
+    if not target:
+        return []
+    goal, budget = 100 * target["val_accuracy"], target["epochs"]
+    hit = reached(study, target["val_accuracy"])
+    if hit is None:
+        line = (
+            f"Validation accuracy {goal:.1f}% (the target): **not reached** in "
+            f"{counts['epochs']} epochs ({100 * counts['epochs'] / budget:.0f}% of the {budget} "
+            "epochs the other way spent)."
+        )
+    else:
+        line = (
+            f"Validation accuracy {goal:.1f}% (the target): first reached by "
+            f"{plans.trial_name(prefix, hit['trial'])} ({100 * hit['value']:.1f}%), after at most "
+            f"{hit['epochs']} epochs in {hit['trials']} trials "
+            f"(**{100 * hit['epochs'] / budget:.0f}%** of the {budget} epochs the other way spent)."
+        )
+    return [line, ""]
 
 
 def _show(value) -> str:
