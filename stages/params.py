@@ -352,6 +352,13 @@ def check_combinations(params: Params) -> None:
             f"{low}…{high} pixels ({why}); set model.input_size to resize inside the model, "
             "or change data.image_size"
         )
+    if m.freeze.startswith("all_but_last_") and entry.block_count is not None:
+        keep, blocks = int(m.freeze.rsplit("_", 1)[1]), entry.block_count(m)
+        if keep > blocks:
+            raise ParamsError(
+                f"params.yaml: model.freeze = {m.freeze}: {m.name} has only {blocks} blocks "
+                f"(all_but_last_{blocks} or none trains every one)"
+            )
     if m.freeze_bn and not entry.batch_norm(m):
         raise ParamsError(
             f"params.yaml: model.freeze_bn = true, but {m.name} has no batch norm "

@@ -177,3 +177,25 @@ def test_timm_imagenet_weights_offline_are_one_clear_error(tmp_path):
     ).stdout
     assert out.startswith("StageError could not get timm's pretrained weights of resnet18")
     assert "set model.pretrained to a state dict file" in out
+
+
+@pytest.mark.parametrize("name", [n for n, e in registry.NETWORKS.items() if e.block_count])
+def test_a_freeze_deeper_than_the_network_is_refused_by_the_check_stage(name):
+    """Each entry's block count, known without building the network, is its blocks' when built;
+    one block more than that is one line from the params check, before any stage has run."""
+    entry = registry.network(name)
+    depths = [2, 3, 5] if name == "cnn" else [None]
+    for depth in depths:
+        model = {"name": name, **({"depth": depth} if depth else {})}
+        if entry.mean_std:  # an ImageNet network on 32-px data: resized inside the model
+            model["input_size"] = 64
+        m = P.parse({"model": model}).model
+        count = entry.block_count(m)
+        assert count == len(entry.blocks(entry.build(m, 10)))
+        P.parse({"model": {**model, "freeze": f"all_but_last_{count}"}})  # every block: fine
+        with pytest.raises(ParamsError) as err:
+            P.parse({"model": {**model, "freeze": f"all_but_last_{count + 1}"}})
+        assert str(err.value) == (
+            f"params.yaml: model.freeze = all_but_last_{count + 1}: {name} has only {count} "
+            f"blocks (all_but_last_{count} or none trains every one)"
+        )

@@ -46,6 +46,9 @@ class Network:
     batch_norm: Callable[[Any], bool] = field(
         default=lambda m: True
     )  # has it any, for params.model
+    # len(blocks(net)) for params.model, known without building it, so that the check stage
+    # refuses a model.freeze deeper than the network; None: known once built (train checks it)
+    block_count: Callable[[Any], int] | None = None
 
 
 def _defined_in(module: str):
@@ -61,6 +64,11 @@ def _imagenet(
     return lambda m: (32, largest, f"its features are 32× smaller than its input; {size_note}")
 
 
+# blocks() of each, counted (tests/test_registry.py builds every network and compares)
+TORCHVISION_BLOCKS = {"resnet18": 5, "mobilenet_v3_small": 14, "efficientnet_b0": 9}
+LITE_BLOCKS = {0: 18, 1: 23, 2: 23}  # the stem, each MBConv block, the last conv
+
+
 def _torchvision(name: str, head: str) -> Network:
     return Network(
         build=lambda m, classes: _defined_in("torchvision_models").build(name, head, classes),
@@ -70,6 +78,7 @@ def _torchvision(name: str, head: str) -> Network:
         input_sizes=_imagenet(),
         mean_std=(IMAGENET_MEAN, IMAGENET_STD),
         weights=lambda: _defined_in("weights").torchvision_file(name),
+        block_count=lambda m: TORCHVISION_BLOCKS[name],
     )
 
 
@@ -82,6 +91,7 @@ def _efficientnet_lite(variant: int, size: int) -> Network:
         input_sizes=_imagenet(f"its weights saw {size} px", largest=size),
         mean_std=((127 / 255,) * 3, (128 / 255,) * 3),  # (x - 127) / 128 on 0-255 pixels
         weights=lambda: _defined_in("efficientnet_lite").weights_file(variant),
+        block_count=lambda m: LITE_BLOCKS[variant],
     )
 
 
@@ -101,6 +111,7 @@ NETWORKS: dict[str, Network] = {
         ),
         shape_keys=("width", "dropout", "conv_dropout"),
         batch_norm=lambda m: False,
+        block_count=lambda m: 4,
     ),
     "cnn": Network(
         build=lambda m, classes: _defined_in("small").CNN(
@@ -116,6 +127,7 @@ NETWORKS: dict[str, Network] = {
         ),
         shape_keys=("width", "depth", "batch_norm", "dropout", "conv_dropout"),
         batch_norm=lambda m: m.batch_norm,
+        block_count=lambda m: m.depth,  # a block per conv
     ),
     "resnet9": Network(
         build=lambda m, classes: _defined_in("small").ResNet9(classes, m.width),
@@ -124,6 +136,7 @@ NETWORKS: dict[str, Network] = {
         layers=lambda net: net.layers(),
         input_sizes=lambda m: (8, 512, "it halves the image 3 times"),
         shape_keys=("width",),
+        block_count=lambda m: 6,
     ),
     "resnet18": _torchvision("resnet18", "fc"),
     "mobilenet_v3_small": _torchvision("mobilenet_v3_small", "classifier.3"),
