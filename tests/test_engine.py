@@ -681,7 +681,7 @@ def test_workers_sharing_a_storage_take_every_point_once(tmp_path, monkeypatch, 
         return [name for name, _ in batch if name == "p-r3-s0"]
 
     monkeypatch.setattr(engine.dvcqueue, "run", fake_run)
-    args = Namespace(jobs=2, storage=storage_url)
+    args = Namespace(jobs=2, storage=storage_url, runner=engine.dvcqueue)
     failed, errors = [], []
 
     def worker() -> None:

@@ -260,6 +260,35 @@ def test_a_search_without_dvc_reports_its_trials_to_optuna_and_journals_them(tin
     assert "## The best trial: space-t" in (tiny_repo / "reports/space-search.md").read_text()
 
 
+def test_the_journal_reader_gives_finished_runs_as_the_reports_read_them(tmp_path):
+    """A study's table from journaled runs: each metric's latest value, the run's minutes, and
+    neither a run still open nor one of another prefix."""
+    from stages.experiments import plan as plans
+    from stages.experiments.reports import table
+    from stages.tracking import journal
+
+    uri = f"journal:{tmp_path / 'journal'}"
+    for name, test, ended in (("p-a-s0", 0.4, True), ("p-a-s1", 0.5, True), ("p-a-s2", 0.9, False)):
+        run = journal.start(uri, "overfitting", name, {"dvc.exp_name": name}, {"seed": name[-1]})
+        for epoch in (1, 2):
+            run.log_metrics({"val_accuracy": epoch / 10}, epoch, journal.now())
+        finals = {"final_train_accuracy": 0.9, "final_epochs_run": 2, "test_accuracy": test}
+        run.log_metrics({**finals, "generalization_gap": 0.9 - test}, None, journal.now())
+        if ended:
+            run.write({"kind": "end", "status": "FINISHED", "time": journal.now() + 60000})
+    other = journal.start(uri, "overfitting", "q-a-s0", {"dvc.exp_name": "q-a-s0"}, {})
+    other.write({"kind": "end", "status": "FINISHED", "time": journal.now()})
+
+    runs = {r.info.run_name: r for r in journal.Reader(uri).runs("overfitting", "p")}
+    assert runs["p-a-s0"].data.metrics["val_accuracy"] == 0.2  # the latest epoch's
+    assert runs["p-a-s2"].info.status == "RUNNING" and runs["p-a-s1"].data.params == {"seed": "1"}
+    plan = plans.Plan("tiny", "rows", "p", {}, (0, 1, 2), {"a": {"model.dropout": 0.5}})
+    out = table.build(plan, "p", out_dir=tmp_path, tracking_uri=uri, experiment="overfitting")
+    text = out.read_text()
+    assert "| a | model.dropout=0.5 | 2 | 90.0 ± 0.0% | 45.0 ± 7.1% |" in text, text
+    assert "| 2 | 1.0 |" in text and "Built from 2 finished runs." in text
+
+
 def test_the_engine_without_dvc_refuses_a_journal_without_the_mode(tiny_repo):
     result = subprocess.run(
         [sys.executable, "-m", "stages.experiments.engine", "run", "--grid", "learning-curve"]

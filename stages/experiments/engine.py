@@ -454,6 +454,9 @@ def main() -> None:
             raise ParamsError("--storage shares the points out as workers are free: no --shard")
         args.storage = args.storage or default_storage()
         args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        # Who runs the experiments: the dvcqueue module (DVC experiments, MLflow runs) or, without
+        # DVC, a folders.Folders (folders of their own, a journal). Both have run(experiments,
+        # jobs, tool) -> the names that failed, and trial_root(name): where a trial's handle goes.
         if args.without_dvc:
             if args.push:
                 raise ParamsError("--without-dvc makes no DVC experiments to push: no --push")
