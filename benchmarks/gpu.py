@@ -41,8 +41,9 @@ sys.path.insert(0, str(REPO))
 
 import bench  # noqa: E402  the net epoch rows, here on the GPU
 
-from stages import evaluate, io as sio, params as P, train  # noqa: E402
+from stages import io as sio, params as P  # noqa: E402
 from stages.data import load_split  # noqa: E402
+from stages.experiments import folders, plan as plans  # noqa: E402
 from stages.tracking import journal  # noqa: E402
 
 PREPARED = REPO / "data" / "prepared"
@@ -71,27 +72,22 @@ def preset_params(epochs: int | None, device: str, extra: list[str]) -> dict:
     changes["train.device"] = device
     if epochs:
         changes["train.epochs"] = epochs
-    for item in extra:  # key=value on top of the preset, as with dvc exp run -S
-        key, _, value = item.partition("=")
-        changes[key] = yaml.safe_load(value)
+    changes.update(plans.parse_sets(extra))  # key=value on top of the preset, as the engine's --set
     params = P.with_changes(P.read_yaml(REPO / "params.yaml"), changes)
     P.parse(params)
     return params
 
 
 def train_preset(params: dict, name: str) -> dict:
-    """train.main() and evaluate.main() in the folder data/gpu-bench/<name>, as `dvc repro`
-    would run them there; their metrics, each epoch's training seconds and the weights."""
+    """train.main() and evaluate.main() in the folder data/gpu-bench/<name>, as the engine runs
+    an experiment without DVC (stages/experiments/folders.py), on the repository's prepared
+    data; their metrics, each epoch's training seconds and the weights."""
     folder = WORK / name
     shutil.rmtree(folder, ignore_errors=True)
-    (folder / "data").mkdir(parents=True)
-    for split in ("prepared", "raw"):
-        (folder / "data" / split).symlink_to(REPO / "data" / split)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    os.chdir(folder)
-    os.environ["MLFLOW_TRACKING_URI"] = JOURNAL  # the stages' own tracking, without MLflow
-    train.main()
-    evaluate.main()
+    os.chdir(REPO)
+    folders.run_stages(
+        folder, params, WORK / "journal", stages=("train", "evaluate"), linked=("prepared", "raw")
+    )
     run_id = sio.read_json(folder / "models" / "run.json")["run_id"]
     train_seconds = [  # one per epoch, in order
         line["metrics"]["epoch_seconds"]

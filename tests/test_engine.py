@@ -193,7 +193,14 @@ def test_a_report_that_cannot_be_built_is_one_line(monkeypatch, capsys, why):
         raise why
 
     monkeypatch.setattr(path, "build", fail)
-    args = Namespace(force=False, seeds=None, storage="sqlite:///unused.db")
+    args = Namespace(
+        force=False,
+        seeds=None,
+        storage="sqlite:///unused.db",
+        out=Path("reports"),
+        tracking_uri=None,
+        without_dvc=False,
+    )
     assert engine.report(plans.load("sweep"), "p", args) is False
     assert capsys.readouterr().out == f"engine: no report: {why}\n"
 
@@ -674,7 +681,7 @@ def test_workers_sharing_a_storage_take_every_point_once(tmp_path, monkeypatch, 
         return [name for name, _ in batch if name == "p-r3-s0"]
 
     monkeypatch.setattr(engine.dvcqueue, "run", fake_run)
-    args = Namespace(jobs=2, storage=storage_url)
+    args = Namespace(jobs=2, storage=storage_url, runner=engine.dvcqueue)
     failed, errors = [], []
 
     def worker() -> None:

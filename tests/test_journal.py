@@ -1,5 +1,6 @@
 """A machine without MLflow: the stages journal their run (tracking URI journal:<folder>), and one
-command replays the journal into MLflow, once; the GPU scripts run the stages' own code that way."""
+command replays the journal into MLflow, once; the engine without DVC and the GPU check run the
+stages' own code that way."""
 
 from __future__ import annotations
 
@@ -185,28 +186,121 @@ def tiny_repo(tmp_path, pickle_archive) -> Path:
     return repo
 
 
-def test_the_gpu_sweep_runs_the_stages_and_journals_every_point(tiny_repo):
+def blocking(folder: Path, *packages: str) -> Path:
+    """A folder to put first on PYTHONPATH: importing any of `packages` from it fails, as on a
+    machine that has only PyTorch."""
+    for package in packages:
+        (folder / package).mkdir(parents=True)
+        (folder / package / "__init__.py").write_text(
+            f"raise ImportError('{package} is not on this machine')\n"
+        )
+    return folder
+
+
+def test_the_engine_without_dvc_runs_a_grid_journals_it_and_reports_from_the_journal(
+    tiny_repo, tmp_path
+):
     (tiny_repo / "stages/experiments/plans/tiny.yaml").write_text(
         "baseline: true\nregime: {train.epochs: 1}\nseeds: [0]\n"
         "techniques:\n  dropout: {param: model.dropout, values: [0.5], scale: linear}\n"
     )
-    sweep = [sys.executable, "benchmarks/gpu_sweep.py", "--grid", "tiny", "--prefix", "t"]
-    run([*sweep, "--workers", "1", "--out", "reports/gpu"], tiny_repo, {"PYTHONPATH": ""})
-    records = json.loads((tiny_repo / "reports/gpu/t-runs.json").read_text())
-    assert len(records) == 2 and not any("error" in r for r in records)
-    journal = tiny_repo / "data/gpu-sweep/t/journal"
-    assert {r["run_id"] for r in records} == {p.name for p in journal.iterdir()}
+    names = {"t-baseline-s0", "t-dropout-0.5-s0"}
+    engine = [sys.executable, "-m", "stages.experiments.engine"]
+    grid = ["--grid", "tiny", "--prefix", "t", "--without-dvc"]
+    no_mlflow = {"PYTHONPATH": str(blocking(tmp_path / "blocked", "mlflow", "dvc"))}
+    out = run([*engine, "run", *grid, "--jobs", "2"], tiny_repo, no_mlflow).stdout
+    assert "engine: 2 experiments, 2 worker(s)" in out
+    assert all(f"engine: {name}: test " in out for name in names), out
+    folders = tiny_repo / "data/without-dvc/t"
+    journal = folders / "journal"
+    assert len(list(journal.iterdir())) == 2
+    report = tiny_repo / "reports/t-path.md"
+    assert "Built from 2 finished runs." in report.read_text()
+
+    # Again: the finished ones are skipped; the report alone is written from the journal.
+    again = run([*engine, "run", *grid, "--jobs", "2"], tiny_repo, no_mlflow).stdout
+    assert "2 experiments finished before (journal): skipped" in again
+    assert "engine: 0 experiments" in again and len(list(journal.iterdir())) == 2
+    report.unlink()
+    run([*engine, "report", *grid], tiny_repo, no_mlflow)
+    assert "Built from 2 finished runs." in report.read_text()
 
     uri = f"sqlite:///{tiny_repo / 'mlflow.db'}"
     replay = [sys.executable, "-m", "stages.tracking.replay", str(journal), "--tracking-uri", uri]
     assert "2 runs replayed" in run(replay, tiny_repo, {"PYTHONPATH": ""}).stdout
     client = MlflowClient(uri)
     found = client.search_runs([client.get_experiment_by_name("overfitting").experiment_id])
-    assert {r.info.run_name for r in found} == {r["name"] for r in records}
-    by_name = {r.info.run_name: r for r in found}
-    for record in records:
-        metrics = by_name[record["name"]].data.metrics
-        assert metrics["test_accuracy"] == record["evaluate"]["test_accuracy"]
+    assert {r.info.run_name for r in found} == names
+    assert {r.data.tags["dvc.exp_name"] for r in found} == names
+    for replayed in found:
+        evaluated = json.loads((folders / replayed.info.run_name / "metrics/eval.json").read_text())
+        assert replayed.data.metrics["test_accuracy"] == evaluated["test_accuracy"]
+
+
+def test_a_search_without_dvc_reports_its_trials_to_optuna_and_journals_them(tiny_repo, tmp_path):
+    """The trials run in folders of their own, each hearing its epochs through its trial handle
+    (data/trials/ of its folder), their runs journaled; then the best recipe's rerun, the report."""
+    import optuna
+
+    (tiny_repo / "stages/experiments/plans/space.yaml").write_text(
+        "regime: {train.epochs: 2}\nseeds: [0]\n"
+        "search: {seed: 3, pruner: hyperband, seeds_of_the_best: [0, 1]}\n"
+        "space:\n  model.dropout: {uniform: [0.0, 0.5]}\n"
+    )
+    cmd = [sys.executable, "-m", "stages.experiments.engine", "run", "--grid", "space"]
+    cmd += ["--without-dvc", "--trials", "2", "--jobs", "2"]
+    run(cmd, tiny_repo, {"PYTHONPATH": str(blocking(tmp_path / "blocked", "mlflow", "dvc"))})
+    study = optuna.load_study(study_name="space", storage=f"sqlite:///{tiny_repo / 'optuna.db'}")
+    assert len(study.trials) == 2 and all(t.state.is_finished() for t in study.trials)
+    assert all(t.intermediate_values for t in study.trials)  # the epochs reached the trials
+    best = study.best_trial.number
+    journal = tiny_repo / "data/without-dvc/space/journal"
+    named = {journal_lines(folder)[0]["run_name"] for folder in journal.iterdir()}
+    assert named == {"space-t0", "space-t1", f"space-t{best}-s1"}
+    assert "## The best trial: space-t" in (tiny_repo / "reports/space-search.md").read_text()
+
+
+def test_the_journal_reader_gives_finished_runs_as_the_reports_read_them(tmp_path):
+    """A study's table from journaled runs: each metric's latest value, the run's minutes, and
+    neither a run still open nor one of another prefix."""
+    from stages.experiments import plan as plans
+    from stages.experiments.reports import table
+    from stages.tracking import journal
+
+    uri = f"journal:{tmp_path / 'journal'}"
+    for name, test, ended in (("p-a-s0", 0.4, True), ("p-a-s1", 0.5, True), ("p-a-s2", 0.9, False)):
+        run = journal.start(uri, "overfitting", name, {"dvc.exp_name": name}, {"seed": name[-1]})
+        for epoch in (1, 2):
+            run.log_metrics({"val_accuracy": epoch / 10}, epoch, journal.now())
+        finals = {"final_train_accuracy": 0.9, "final_epochs_run": 2, "test_accuracy": test}
+        run.log_metrics({**finals, "generalization_gap": 0.9 - test}, None, journal.now())
+        if ended:
+            run.write({"kind": "end", "status": "FINISHED", "time": journal.now() + 60000})
+    other = journal.start(uri, "overfitting", "q-a-s0", {"dvc.exp_name": "q-a-s0"}, {})
+    other.write({"kind": "end", "status": "FINISHED", "time": journal.now()})
+
+    runs = {r.info.run_name: r for r in journal.Reader(uri).runs("overfitting", "p")}
+    assert runs["p-a-s0"].data.metrics["val_accuracy"] == 0.2  # the latest epoch's
+    assert runs["p-a-s2"].info.status == "RUNNING" and runs["p-a-s1"].data.params == {"seed": "1"}
+    plan = plans.Plan("tiny", "rows", "p", {}, (0, 1, 2), {"a": {"model.dropout": 0.5}})
+    out = table.build(plan, "p", out_dir=tmp_path, tracking_uri=uri, experiment="overfitting")
+    text = out.read_text()
+    assert "| a | model.dropout=0.5 | 2 | 90.0 ± 0.0% | 45.0 ± 7.1% |" in text, text
+    assert "| 2 | 1.0 |" in text and "Built from 2 finished runs." in text
+
+
+def test_the_engine_without_dvc_refuses_a_journal_without_the_mode(tiny_repo):
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.experiments.engine", "run", "--grid", "learning-curve"]
+        + ["--journal", "somewhere"],
+        cwd=tiny_repo,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error (engine): --journal goes with --without-dvc (DVC experiments log to MLflow)"
+    )
 
 
 def test_the_gpu_check_trains_through_the_train_stage(tiny_repo):
@@ -258,17 +352,15 @@ def test_nothing_replaces_another_modules_attributes_at_run_time():
 def test_the_committed_gpu_records_replay_into_mlflow_once(tiny_repo):
     """reports/gpu/*-runs.json predate the journal: journaled as runs of what they hold."""
     records = json.loads((tiny_repo / "reports/gpu/net-runs.json").read_text())
-    to_journal = [sys.executable, "benchmarks/gpu_sweep.py", "--grid", "net-targets"]
-    to_journal += ["--prefix", "net", "--out", "reports/gpu", "--journal-records"]
-    env = {"PYTHONPATH": ""}
-    assert f"{len(records)} records journaled" in run(to_journal, tiny_repo, env).stdout
-    assert "0 records journaled" in run(to_journal, tiny_repo, env).stdout
-
     uri = f"sqlite:///{tiny_repo / 'mlflow.db'}"
-    replay = [sys.executable, "-m", "stages.tracking.replay", "data/gpu-sweep/net/journal"]
-    replay += ["--tracking-uri", uri]
-    assert f"{len(records)} runs replayed" in run(replay, tiny_repo, env).stdout
-    assert "0 runs replayed" in run(replay, tiny_repo, env).stdout
+    replay = [sys.executable, "-m", "stages.tracking.replay", "data/without-dvc/net/journal"]
+    replay += ["--records", "reports/gpu/net-runs.json", "--tracking-uri", uri]
+    env = {"PYTHONPATH": ""}
+    first = run(replay, tiny_repo, env).stdout
+    assert f"{len(records)} records journaled" in first
+    assert f"{len(records)} runs replayed" in first
+    again = run(replay, tiny_repo, env).stdout
+    assert "0 records journaled" in again and "0 runs replayed" in again
     client = MlflowClient(uri)
     found = client.search_runs([client.get_experiment_by_name("overfitting").experiment_id])
     by_name = {r.info.run_name: r for r in found}
@@ -278,4 +370,4 @@ def test_the_committed_gpu_records_replay_into_mlflow_once(tiny_repo):
         assert replayed.params == record["params"]
         assert replayed.metrics["test_accuracy"] == record["evaluate"]["test_accuracy"]
         assert replayed.metrics["final_val_accuracy"] == record["train"]["val_accuracy"]
-        assert replayed.tags["gpu_sweep.record"] == "net-runs.json"
+        assert replayed.tags["journal.record"] == "net-runs.json"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from stages import params as P
+from stages.runtime import repo_root
 
 WORKERS = Path(".dvc/tmp/exps/celery")  # where DVC's queue workers write their logs
 ENDED = ("Success", "Failed")  # the `dvc queue status` states a task doesn't leave
@@ -34,6 +35,12 @@ def run(experiments: list[tuple[str, dict]], jobs: int, tool: str) -> list[str]:
     failed = wait(ours, tool)
     report_dead_workers(tool)
     return failed
+
+
+def trial_root(name: str) -> Path:
+    """Where a queued experiment's train stage finds its search trial (data/trials/): the
+    repository, which DVC names in $DVC_ROOT inside the experiment's temporary workspace."""
+    return repo_root()
 
 
 def start_workers(jobs: int) -> None:

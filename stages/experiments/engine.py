@@ -3,8 +3,10 @@
     python -m stages.experiments.engine run    --grid NAME [--jobs N] [--prefix P] [--seeds 0,1]
                                                [--rows a,b | --techniques a,b] [--set key=value ...]
                                                [--trials N] [--storage URL] [--shard i/n]
-                                               [--push GIT_REMOTE] [--force]
+                                               [--push GIT_REMOTE] [--force] [--out DIR]
+                                               [--without-dvc [--journal FOLDER]]
     python -m stages.experiments.engine report --grid NAME [--prefix P] [--storage URL] [--force]
+                                               [--out DIR] [--without-dvc [--journal FOLDER]]
 
 NAME is a plan of stages/experiments/plans/ (stages/experiments/plan.py: its format, checks and
 names). Every experiment is a DVC experiment, queued with `dvc exp run --queue` in a temporary
@@ -27,6 +29,15 @@ run, nested under the pass's parent run (tag sweep.prefix) by the report.
   trial's recipe is rerun unpruned with the other seeds of the plan's `search.seeds_of_the_best`
   (`<prefix>-t<n>-s<seed>`), and the report (reports/<prefix>-search.md) is written.
 
+`--without-dvc` (a machine without DVC or MLflow, e.g. a GPU machine with only PyTorch): the
+same experiments, names and reports, but each experiment runs in a folder of its own,
+data/without-dvc/<prefix>/<name>/, through the stages' own main() (stages/experiments/folders.py),
+`--jobs` at once, and its run is written to the journal `--journal` (default
+data/without-dvc/<prefix>/journal) instead of MLflow; mlflow and dvc are never imported.
+Experiments the journal holds finished are skipped when the command runs again; `report` reads the
+journal. `python -m stages.tracking.replay <journal>` makes the runs MLflow runs later, and
+`report` without `--without-dvc` then nests them under the pass's parent run.
+
 Everything is checked before anything is queued: every row, point and both ends of every
 distribution against the params schema, params.yaml against the committed one, the storage, and
 that a study of that name was made with the same space. One line each.
@@ -45,10 +56,11 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 from stages import params as P
 from stages.errors import ParamsError
-from stages.experiments import dvcqueue, plan as plans
+from stages.experiments import dvcqueue, folders, plan as plans
 from stages.runtime import repo_root
 from stages.tracking import trial as trials
 
@@ -76,11 +88,17 @@ def shard(todo: list, spec: str | None) -> list:
 
 def run_grid(todo: list[tuple[str, dict]], args) -> list[str]:
     """Queue and run the experiments; the names of those that failed."""
+    if args.without_dvc:  # no run cache restores a finished one: the journal says what's done
+        journaled = finished_runs(args.prefix_used, args)
+        done = [name for name, _ in todo if name in journaled]
+        if done:
+            print(f"{TOOL}: {len(done)} experiments finished before (journal): skipped")
+        todo = [(name, changes) for name, changes in todo if name not in done]
     if args.shared:
         failed = take_points(todo, args.prefix_used, args)
     else:
         print(f"{TOOL}: {len(todo)} experiments, {args.jobs} worker(s)", flush=True)
-        failed = dvcqueue.run(todo, args.jobs, TOOL)
+        failed = args.runner.run(todo, args.jobs, TOOL)
     finished = [name for name, _ in todo if name not in failed]
     if args.push and finished:  # git refs to the remote, outputs to the default DVC remote
         subprocess.run(["dvc", "exp", "push", args.push, *finished], check=True)
@@ -159,7 +177,7 @@ def take_points(todo: list[tuple[str, dict]], prefix: str, args) -> list[str]:
         if not batch:
             continue
         with beating(storage, [t._trial_id for t in batch.values()]):
-            failed_now = dvcqueue.run([(n, changes[n]) for n in batch], args.jobs, TOOL)
+            failed_now = args.runner.run([(n, changes[n]) for n in batch], args.jobs, TOOL)
         for name, trial in batch.items():
             if name in failed_now:
                 trial.set_user_attr("experiment_failed", True)
@@ -321,8 +339,6 @@ def run_search(plan: plans.Plan, prefix: str, study, args, extra: dict, base: di
     import optuna
     from optuna.trial import TrialState
 
-    from stages.experiments import reports
-
     pruner = pruner_args(plan, extra)
     storage = storage_for(args.storage)
     retry_stale(study, args.storage)
@@ -340,17 +356,16 @@ def run_search(plan: plans.Plan, prefix: str, study, args, extra: dict, base: di
                 study.tell(trial, state=TrialState.FAIL)
                 continue
             handle = trials.Handle(args.storage, prefix, trial._trial_id, trial.number, pruner)
-            trials.write_handle(name, handle)
+            trials.write_handle(name, handle, args.runner.trial_root(name))
             batch[name] = (trial, changes)
         if not batch:
             raise ParamsError("the schema refused every point of a batch (see above): stopping")
         print(f"{TOOL}: trials {', '.join(batch)} ({ended(study)} of {args.trials} ended)")
         with beating(storage, [t._trial_id for t, _ in batch.values()]):
-            failed = dvcqueue.run([(n, c) for n, (_, c) in batch.items()], args.jobs, TOOL)
-        client, experiment_id, _, _ = reports.open_experiment()
-        by_name = reports.finished_runs(client, experiment_id, prefix) if experiment_id else {}
+            failed = args.runner.run([(n, c) for n, (_, c) in batch.items()], args.jobs, TOOL)
+        by_name = finished_runs(prefix, args)
         for name, (trial, _) in batch.items():
-            trials.handle_file(name).unlink(missing_ok=True)
+            trials.handle_file(name, args.runner.trial_root(name)).unlink(missing_ok=True)
             run = by_name.get(name)
             if name in failed or run is None:
                 study.tell(trial, state=TrialState.FAIL)
@@ -369,15 +384,12 @@ def rerun_best(plan: plans.Plan, prefix: str, study, args, extra: dict) -> None:
     plan.seeds[0]). No trial handle: the train stage runs every epoch."""
     from optuna.trial import TrialState
 
-    from stages.experiments import reports
-
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         print(f"{TOOL}: no trial ran to its end (all pruned or failed): no recipe to rerun")
         return
     best = study.best_trial
-    client, experiment_id, _, _ = reports.open_experiment()
-    done = reports.finished_runs(client, experiment_id, prefix) if experiment_id else {}
+    done = finished_runs(prefix, args)
     todo = [
         (
             rerun_name(prefix, best.number, seed),
@@ -390,7 +402,7 @@ def rerun_best(plan: plans.Plan, prefix: str, study, args, extra: dict) -> None:
         print(
             f"{TOOL}: the best trial is {plans.trial_name(prefix, best.number)}: its recipe again"
         )
-        dvcqueue.run(todo, args.jobs, TOOL)
+        args.runner.run(todo, args.jobs, TOOL)
 
 
 def rerun_name(prefix: str, number: int, seed: int) -> str:
@@ -400,22 +412,35 @@ def rerun_name(prefix: str, number: int, seed: int) -> str:
 # --- reports ---------------------------------------------------------------------------------
 
 
+def finished_runs(prefix: str, args) -> dict:
+    """{experiment name: its finished run} of the names `<prefix>-…`: from MLflow, or from the
+    journal of a pass without DVC."""
+    from stages.experiments import reports
+
+    client, experiment_id, _, _ = reports.open_experiment(args.tracking_uri)
+    return reports.finished_runs(client, experiment_id, prefix) if experiment_id else {}
+
+
 def report(plan: plans.Plan, prefix: str, args) -> bool:
     """The plan's report from what finished; False, with one line saying why, when none was
     written (nothing finished, a committed report would shrink, the server is down)."""
-    from mlflow.exceptions import MlflowException  # imported here: MLflow is slow to import
-
     from stages.experiments.reports import path, search, table
 
+    errors: tuple[type[Exception], ...] = (ParamsError, OSError)
+    if not args.without_dvc:
+        from mlflow.exceptions import MlflowException  # imported here: MLflow is slow to import
+
+        errors += (MlflowException,)
+    where = {"out_dir": args.out, "tracking_uri": args.tracking_uri, "force": args.force}
     try:
         if plan.kind == "rows":
-            written = table.build(plan, prefix, seeds=args.seeds, force=args.force)
+            written = table.build(plan, prefix, seeds=args.seeds, **where)
             print(written.read_text())
         elif plan.kind == "techniques":
-            written = path.build(plan, prefix, force=args.force)
+            written = path.build(plan, prefix, **where)
         else:
-            written = search.build(plan, prefix, args.storage, force=args.force)
-    except (ParamsError, MlflowException, OSError) as exc:
+            written = search.build(plan, prefix, args.storage, **where)
+    except errors as exc:
         print(f"{TOOL}: no report: {(str(exc).splitlines() or [repr(exc)])[0]}")
         return False
     print(f"{TOOL}: report: {written}")
@@ -435,6 +460,18 @@ def main() -> None:
             raise ParamsError("--storage shares the points out as workers are free: no --shard")
         args.storage = args.storage or default_storage()
         args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        # Who runs the experiments: the dvcqueue module (DVC experiments, MLflow runs) or, without
+        # DVC, a folders.Folders (folders of their own, a journal). Both have run(experiments,
+        # jobs, tool) -> the names that failed, and trial_root(name): where a trial's handle goes.
+        if args.without_dvc:
+            if args.push:
+                raise ParamsError("--without-dvc makes no DVC experiments to push: no --push")
+            args.runner = folders.Folders.of(prefix, args.journal)
+            args.tracking_uri = args.runner.tracking_uri
+        elif args.journal:
+            raise ParamsError("--journal goes with --without-dvc (DVC experiments log to MLflow)")
+        else:
+            args.runner, args.tracking_uri = dvcqueue, None  # params.yaml's MLflow store
         extra = plans.parse_sets(args.set)
         if args.command == "run":
             plans.check_committed_params()
@@ -464,7 +501,8 @@ def main() -> None:
             print(f"error ({TOOL}): {exc}", file=sys.stderr)
             failed = ["search"]
     reported = report(plan, prefix, args)  # of what finished, even when some failed
-    if args.command == "run" and plan.kind == "rows":  # and the study's runs, one by one
+    if args.command == "run" and plan.kind == "rows" and not args.without_dvc:
+        # and the study's runs, one by one (from MLflow)
         finished = [name for name, _ in todo if name not in failed]
         if finished:
             compare = [sys.executable, "-m", "stages.experiments.compare", "--exps"]
@@ -507,6 +545,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--push", metavar="GIT_REMOTE", help="then dvc exp push the finished ones")
     parser.add_argument(
         "--force", action="store_true", help="replace a committed report even with less in it"
+    )
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="the report's folder")
+    parser.add_argument(
+        "--without-dvc",
+        action="store_true",
+        help="no DVC, no MLflow: each experiment in a folder of its own, its run journaled",
+    )
+    parser.add_argument(
+        "--journal",
+        type=Path,
+        help="with --without-dvc: the runs' journal (default: data/without-dvc/<prefix>/journal)",
     )
     return parser.parse_args()
 

@@ -332,7 +332,10 @@ def parse_sets(items: list[str]) -> dict:
 def check_committed_params(path: Path = P.PARAMS_FILE) -> None:
     """Every experiment is built from the committed params.yaml: refuse to start while the
     workspace's differs from it (a `dvc exp run -S` leaves its values there), naming the keys."""
-    committed = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True)
+    try:
+        committed = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True)
+    except OSError:
+        return  # no git on this machine (a bare GPU machine): nothing to compare with
     if committed.returncode != 0:
         return  # not in git (yet): nothing to compare with
     old = P.flatten_dict(yaml.safe_load(committed.stdout) or {})

@@ -152,3 +152,90 @@ def ended_by_outcome(end: Callable[[str], None]) -> Iterator[None]:
 def now() -> int:
     """Milliseconds since the epoch, as MLflow keeps times."""
     return int(time.time() * 1000)
+
+
+# --- reading a journal back: its runs, in the shape MLflow gives them ---------------------------
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    run_name: str | None
+    experiment_id: str
+    status: str  # the last end's status; RUNNING while a stage still has the run open
+    start_time: int
+    end_time: int | None
+
+
+@dataclass(frozen=True)
+class RunData:
+    params: dict[str, str]
+    metrics: dict[str, float]  # each metric's latest value (its highest step), as MLflow's
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class JournaledRun:
+    """A journaled run read back with MLflow's names (run.info, run.data): the reports read it
+    as they read an MLflow run."""
+
+    info: RunInfo
+    data: RunData
+
+
+def read_run(folder: Path) -> JournaledRun:
+    """The run journaled in `folder` (<journal>/<run id>/)."""
+    lines = [json.loads(line) for line in (folder / JOURNAL).read_text().splitlines()]
+    start, params, metrics, steps, tags = lines[0], {}, {}, {}, dict(lines[0]["tags"])
+    ends = [line for line in lines if line["kind"] == "end"]
+    for line in lines:
+        if line["kind"] == "params":
+            params.update(line["params"])
+        elif line["kind"] == "tags":
+            tags.update(line["tags"])
+        elif line["kind"] == "metrics":
+            step = line["step"] or 0
+            for key, value in line["metrics"].items():
+                if step >= steps.get(key, step):
+                    metrics[key], steps[key] = value, step
+    if start["run_name"]:
+        tags.setdefault("mlflow.runName", start["run_name"])
+    return JournaledRun(
+        RunInfo(
+            run_id=folder.name,
+            run_name=start["run_name"],
+            experiment_id=start["experiment"],
+            status=ends[-1]["status"] if lines[-1]["kind"] == "end" else "RUNNING",
+            start_time=start["time"],
+            end_time=ends[-1]["time"] if ends else None,
+        ),
+        RunData(params, metrics, tags),
+    )
+
+
+class Reader:
+    """A journal's runs, for the reports (stages/experiments/reports: finished_runs)."""
+
+    def __init__(self, uri: str):
+        self.tracking_uri = uri
+        self.folder = folder_of(uri)
+
+    def experiments(self) -> set[str]:
+        return {run.info.experiment_id for run in self.all_runs()}
+
+    def all_runs(self) -> list[JournaledRun]:
+        return [read_run(path.parent) for path in sorted(self.folder.glob(f"*/{JOURNAL}"))]
+
+    def runs(
+        self, experiment: str, prefix: str | None = None, name: str | None = None
+    ) -> list[JournaledRun]:
+        """The runs of `experiment` whose DVC experiment name is `name`, or starts with
+        `<prefix>-` (every run without either): what finished_runs asks MLflow for."""
+
+        def wanted(run: JournaledRun) -> bool:
+            exp_name = run.data.tags.get("dvc.exp_name")
+            if name:
+                return exp_name == name
+            return not prefix or (exp_name or "").startswith(f"{prefix}-")
+
+        return [r for r in self.all_runs() if r.info.experiment_id == experiment and wanted(r)]

@@ -14,6 +14,14 @@ model's checkpoint, the run's end), and are sent the same way:
   replay was cut short is replayed anew. The journal stays as it is.
 
 A missed or journaled model is rebuilt from its checkpoint and logged anew.
+
+`--records FILE.json` (with FOLDER): first writes into FOLDER, as journaled runs, the records of
+a file of experiments run before the stages journaled their runs (the committed
+reports/gpu/*-runs.json: a list of {name, params, train, evaluate}, without a run id), then
+replays FOLDER. Each such run holds what its record holds (params, train's final metrics,
+evaluate's metrics and verdict; no per-epoch curves, artifacts or model) and the tag
+journal.record (the file's name); its id is made from the file's name and the record's, so doing
+it again writes nothing new and replays nothing twice.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import json
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 from stages import io as sio, params as P
@@ -132,6 +141,61 @@ def _replay_run(client, uri: str, folder: Path, lines: list[dict]) -> bool:
     return True
 
 
+def journal_records(records: list[dict], folder: Path, source: str) -> int:
+    """The records that have no run id (they predate the journal) as runs journaled in `folder`,
+    each with what its record holds; those journaled before are skipped. How many were written."""
+    written = 0
+    for record in records:
+        run_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{source}#{record['name']}").hex
+        if "run_id" in record or (folder / run_id).exists():
+            continue
+        run = journal.start(
+            f"journal:{folder.resolve()}",
+            record["params"]["mlflow.experiment"],
+            record["name"],
+            {"dvc.exp_name": record["name"], "journal.record": source},
+            record["params"],
+            run_id=run_id,
+        )
+        train, evaluate = record["train"], record["evaluate"]
+        now = journal.now()
+        run.log_metrics({f"final_{k}": v for k, v in train.items() if _is_number(v)}, None, now)
+        run.log_metrics(  # what evaluate.log_to_run logs
+            {
+                **{
+                    k: v
+                    for k, v in evaluate.items()
+                    if k.startswith(("test_", "wise_")) and _is_number(v)
+                },
+                "generalization_gap": evaluate["generalization_gap"],
+                "overfitting_epoch": evaluate["overfitting_epoch"] or 0,
+                **{f"test_accuracy.{c}": v for c, v in evaluate["per_class_accuracy"].items()},
+            },
+            None,
+            now,
+        )
+        for row in evaluate.get("wise_curve", {}).values():
+            run.log_metrics(
+                {
+                    "wise_curve_val_accuracy": row["val_accuracy"],
+                    "wise_curve_test_accuracy": row["test_accuracy"],
+                },
+                round(100 * row["alpha"]),
+                now,
+            )
+        tags = {"verdict": evaluate["verdict"]}
+        if "wise_fine_tuned_best" in evaluate:
+            tags["wise_fine_tuned_best"] = str(evaluate["wise_fine_tuned_best"]).lower()
+        run.set_tags(tags)
+        run.write({"kind": "end", "status": "FINISHED", "time": journal.now()})
+        written += 1
+    return written
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m stages.tracking.replay",
@@ -143,8 +207,17 @@ def main() -> None:
     parser.add_argument(
         "--tracking-uri", help="the store to replay FOLDER into (default: as for the stages)"
     )
+    parser.add_argument(
+        "--records",
+        type=Path,
+        metavar="FILE.json",
+        help="first journal into FOLDER the records of FILE that predate the journal "
+        "(reports/gpu/*-runs.json)",
+    )
     args = parser.parse_args()
     try:
+        if args.records and args.folder is None:
+            raise StageError("--records needs the FOLDER to journal them into")
         if args.folder is None:
             replay_missed()
         else:
@@ -153,6 +226,12 @@ def main() -> None:
             )
             if journal.is_journal(uri):
                 raise StageError(f"{uri} is a journal, not an MLflow store: pass --tracking-uri")
+            if args.records:
+                if not args.records.is_file():
+                    raise StageError(f"{args.records}: no such file")
+                records = json.loads(args.records.read_text())
+                written = journal_records(records, args.folder, args.records.name)
+                print(f"{written} records journaled into {args.folder}")
             if not args.folder.is_dir():
                 raise StageError(f"{args.folder}: no such folder")
             outcome = replay_journal(args.folder, uri)

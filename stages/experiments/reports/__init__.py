@@ -1,11 +1,14 @@
 """Reports of experiments: views of the finished runs, and how they are written.
 
-One lookup of finished runs (`finished_runs`) serves every report and the comparison; every
-report's files go to one MLflow parent run per prefix (`log_to_parent`), under which the MLflow
-UI nests the pass's runs. A report never destroys (`write_files`): built from no runs it writes
-nothing and says so in one line, and it never replaces a file that git has committed with one
-that holds less (fewer table rows, or fewer runs) unless asked (`force`). A pass under a prefix
-of its own writes files of its own, which no commit holds.
+One lookup of finished runs (`finished_runs`) serves every report and the comparison, from an
+MLflow store or, on a machine without MLflow, from a journal (tracking URI `journal:<folder>`,
+stages/tracking/journal.py: its Reader gives the runs in MLflow's shape). Every report's files
+go to one MLflow parent run per prefix (`log_to_parent`), under which the MLflow UI nests the
+pass's runs; a journal has no parent run (`engine report` after the replay makes it). A report
+never destroys (`write_files`): built from no runs it writes nothing and says so in one line,
+and it never replaces a file that git has committed with one that holds less (fewer table rows,
+or fewer runs) unless asked (`force`). A pass under a prefix of its own writes files of its
+own, which no commit holds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from stages.errors import ParamsError
+from stages.tracking import journal
 
 RUNS_LINE = "Built from {n} finished runs."
 _RUNS = re.compile(r"Built from (\d+) finished runs\.")
@@ -25,12 +29,15 @@ def finished_runs(
 ) -> dict:
     """{DVC experiment name: its latest FINISHED, evaluated run}, of the names `<prefix>-…`, or
     of `name` alone (every run without either). A run without `dvc.exp_name` is keyed by its
-    run name."""
-    if name:
-        query = f"tags.`dvc.exp_name` = '{name}'"
+    run name. `client` is an MlflowClient or a journal's Reader (open_experiment gives either)."""
+    if isinstance(client, journal.Reader):
+        runs = client.runs(experiment_id, prefix, name)
     else:
-        query = f"tags.`dvc.exp_name` LIKE '{prefix}-%'" if prefix else ""
-    runs = client.search_runs([experiment_id], query, max_results=50000)
+        if name:
+            query = f"tags.`dvc.exp_name` = '{name}'"
+        else:
+            query = f"tags.`dvc.exp_name` LIKE '{prefix}-%'" if prefix else ""
+        runs = client.search_runs([experiment_id], query, max_results=50000)
     by_name = {}
     for run in sorted(runs, key=lambda r: r.info.start_time):  # the latest run of a name wins
         if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
@@ -40,9 +47,8 @@ def finished_runs(
 
 def open_experiment(tracking_uri: str | None = None, experiment: str | None = None):
     """(client, experiment id or None, experiment name, tracking URI); params.yaml's mlflow
-    section by default."""
-    from mlflow.tracking import MlflowClient
-
+    section by default. For a journal (`journal:<folder>`) the client is the journal's Reader
+    and the experiment's id its name, as the journal keeps it; mlflow is not imported."""
     from stages import params as P
     from stages.tracking import store
 
@@ -50,6 +56,12 @@ def open_experiment(tracking_uri: str | None = None, experiment: str | None = No
         params = P.load()
         tracking_uri = tracking_uri or store.tracking_uri(params.mlflow)
         experiment = experiment or params.mlflow.experiment
+    if journal.is_journal(tracking_uri):
+        reader = journal.Reader(tracking_uri)
+        found_id = experiment if experiment in reader.experiments() else None
+        return reader, found_id, experiment, tracking_uri
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     return client, found.experiment_id if found else None, experiment, tracking_uri
@@ -135,9 +147,14 @@ def parent_run(client, experiment_id: str, prefix: str, plan: str) -> str:
     return oldest_and_deleted()
 
 
-def log_to_parent(client, experiment_id: str, prefix: str, plan: str, files, children) -> str:
+def log_to_parent(
+    client, experiment_id: str, prefix: str, plan: str, files, children
+) -> str | None:
     """The report's files as artifacts of the pass's parent run, and every run it was built
-    from nested under it (tag mlflow.parentRunId); the parent's id."""
+    from nested under it (tag mlflow.parentRunId); the parent's id. None from a journal: its
+    runs are nested when `engine report` runs again on the store they were replayed into."""
+    if isinstance(client, journal.Reader):
+        return None
     from mlflow.exceptions import MlflowException
 
     parent = parent_run(client, experiment_id, prefix, plan)
