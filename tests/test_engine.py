@@ -372,14 +372,18 @@ def test_a_point_that_ran_before_is_restored_and_still_one_mlflow_run_of_its_nam
     assert again.data.params["model.dropout"] == source.data.params["model.dropout"]
 
 
-def test_two_machines_sharing_a_storage_take_the_points_as_they_are_free(team):
-    """No --shard: both machines run the same command against one Optuna storage and one
-    tracking server; every point runs once, on whichever machine took it."""
+def test_two_machines_sharing_a_storage_take_the_points_as_they_are_free(team, postgres_cluster):
+    """No --shard: both machines (two clones) run the same command against one Optuna storage
+    on PostgreSQL, as across machines, and one tracking server; every point runs once, on
+    whichever machine took it."""
+    from stages.tracking import server as pg
+
     root, server = team
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env["MLFLOW_TRACKING_URI"] = server.uri
+    pg.postgres("createdb", "-h", str(postgres_cluster), "-U", pg.ROLE, "points")
     cmd = [sys.executable, "-m", "stages.experiments.engine", "run", "--grid", "tiny"]
-    cmd += ["--prefix", "free", "--storage", f"sqlite:///{root / 'points.db'}"]
+    cmd += ["--prefix", "free", "--storage", pg.database_uri(postgres_cluster, "points")]
     procs = [
         subprocess.Popen(
             cmd,
