@@ -185,13 +185,28 @@ def repository_params(**overrides) -> dict:
 TINY = {"train.epochs": 2, "train.lr": 0.01, "data.val_fraction": 0.2}
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, made once: creating its schema takes seconds, and a copy of
+    it is what a stage's first run would have made."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, pickle_archive) -> Path:
-    """A scratch folder with params.yaml on tiny data; the stages' relative paths land here."""
+def workdir(tmp_path, monkeypatch, pickle_archive, request) -> Path:
+    """A scratch folder with params.yaml on tiny data; the stages' relative paths land here.
+    Its MLflow store (mlflow.db) is there already, empty, unless the test is marked
+    `fresh_store`: one that sees the stages make the store, or not make it."""
     monkeypatch.chdir(tmp_path)
     for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
     write_params(tmp_path, **{"data.source": str(pickle_archive), **TINY})
+    if request.node.get_closest_marker("fresh_store") is None:
+        shutil.copy(request.getfixturevalue("empty_store"), tmp_path / "mlflow.db")
     return tmp_path
 
 

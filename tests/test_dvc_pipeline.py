@@ -241,10 +241,10 @@ def test_dvc_itself_refuses_a_plain_typo(repo):
 def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pickle_archive):
     """`make study`'s command (the engine on the study's plan) on tiny data, two workers: every
     run lands complete in MLflow, the runs overlap in time, and the table and the comparison
-    report hold every run."""
+    report hold every run. Two rows, one per worker: that is all the overlap needs."""
     ok(repo, "git", "add", "-A")
     ok(repo, "git", "commit", "-q", "--allow-empty", "-m", "before the queue")
-    rows = ["baseline", "dropout", "l2"]
+    rows = ["baseline", "dropout"]
     try:
         out = ok(
             repo,
@@ -291,7 +291,7 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
             3,
         ]
         assert "test_accuracy" in run.data.metrics and "verdict" in run.data.tags
-    assert len({by_name[n].data.tags["params_hash"] for n in names}) == 3
+    assert len({by_name[n].data.tags["params_hash"] for n in names}) == len(names)
     assert not (repo / "data/mlflow-missed").exists()  # nothing had to be journaled
     threads = [by_name[n].data.metrics["torch_threads"] for n in names]
     cores = len(os.sched_getaffinity(0))

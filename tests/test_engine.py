@@ -163,6 +163,25 @@ def test_the_wait_prints_a_line_per_ended_experiment_and_returns_the_failed(monk
     assert dvcqueue.pending(STATUS.format(a="Running", b="Queued")) == 2
 
 
+def test_the_wait_looks_again_as_soon_as_a_task_ends(tmp_path, monkeypatch, capsys):
+    """Each `dvc queue status` is a DVC start-up, so the wait runs it every poll_seconds; but a
+    task that ends (its file in the queue's result folder) is seen at once, not a poll later."""
+    import threading
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / dvcqueue.RESULTS
+    results.mkdir(parents=True)
+    monkeypatch.setattr(dvcqueue, "queue_status", lambda: STATUS.format(a="Success", b="Success"))
+    monkeypatch.setattr(dvcqueue, "result_line", lambda name: "test accuracy 41.0%, 1.5 min")
+    ends = threading.Timer(0.2, lambda: (results / "celery-task-meta-1").write_text("{}"))
+    ends.start()
+    started = time.monotonic()
+    failed = dvcqueue.wait({"c62c203": "p-a-s0", "4fb4e8a": "p-b-s0"}, "sweep", poll_seconds=60)
+    assert failed == [] and time.monotonic() - started < 30
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
 def test_a_running_task_missing_from_one_listing_is_not_taken_for_finished(monkeypatch, capsys):
     """Seen here: one `dvc queue status` lacked a task that was still running; the wait printed
     it as finished (with no MLflow run) and counted it. A task has ended when it stays gone."""

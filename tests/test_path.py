@@ -29,14 +29,6 @@ STRENGTH = {"baseline": 0.0, "l2-0.0001": 1e-4, "l2-0.001": 1e-3}
 GRID = {"regime": {"train.epochs": 30}, "seeds": [0, 1, 2], "techniques": {}}
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An empty MLflow sqlite store, made once: creating its schema takes seconds."""
-    db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
 @pytest.fixture
 def mlflow_store(tmp_path, empty_store):
     shutil.copy(empty_store, tmp_path / "mlflow.db")

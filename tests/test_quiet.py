@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import run_stage
 
 OWN = {
@@ -17,6 +18,7 @@ OWN = {
 CHATTER = re.compile(r"artifacts|database|alembic|INFO|it/s|%\|", re.IGNORECASE)
 
 
+@pytest.mark.fresh_store  # MLflow's notes as it makes the store's tables: not printed either
 def test_a_pipeline_run_prints_only_the_stages_own_lines(workdir):
     for stage, patterns in OWN.items():
         result = run_stage(stage, workdir)

@@ -234,6 +234,7 @@ def test_other_seed_other_model(workdir, pickle_archive):
     assert (workdir / "models/model.pt").read_bytes() != first
 
 
+@pytest.mark.fresh_store  # the store is made elsewhere, not here
 def test_run_name_and_tags_from_dvc_environment(
     workdir, pickle_archive, monkeypatch, tmp_path_factory
 ):
@@ -253,6 +254,7 @@ def test_run_name_and_tags_from_dvc_environment(
     assert (main_repo / "mlruns").is_dir()  # artifacts beside the store, not in the workspace
 
 
+@pytest.mark.fresh_store  # the store is made elsewhere, not here
 def test_tracking_uri_from_params_and_environment(workdir, pickle_archive, monkeypatch, tmp_path):
     db = tmp_path / "elsewhere.db"
     run_pipeline(

@@ -20,6 +20,7 @@ from stages import params as P
 from stages.runtime import repo_root
 
 WORKERS = Path(".dvc/tmp/exps/celery")  # where DVC's queue workers write their logs
+RESULTS = WORKERS / "result"  # a file per task that has ended (celery's result backend)
 ENDED = ("Success", "Failed")  # the `dvc queue status` states a task doesn't leave
 
 
@@ -93,11 +94,14 @@ def pending(status: str) -> int:
 
 def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10) -> list[str]:
     """Until every task in `ours` ({task id: name}) has ended, printing a line for each as it
-    ends; the names of those that failed."""
+    ends; the names of those that failed. `dvc queue status` every `poll_seconds`, or sooner
+    when a task ends."""
     left, failed, missing = dict(ours), [], set()
+    seen = ended_tasks()
     while left:
-        time.sleep(poll_seconds)
+        sleep_until_a_task_ends(poll_seconds, seen)
         now = tasks(queue_status())
+        seen = ended_tasks()
         for task, name in list(left.items()):
             if task in now:
                 missing.discard(task)
@@ -119,6 +123,20 @@ def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10) -> list[str]
             else:
                 print(f"{tool}: [{done}/{len(ours)}] {name}: {result_line(name)}", flush=True)
     return failed
+
+
+def sleep_until_a_task_ends(seconds: float, seen: set[str], glance_seconds: float = 0.5) -> None:
+    """Sleep `seconds`, or less when the queue's results are no longer those `seen` (a task has
+    ended). Each `dvc queue status` is a DVC start-up, too dear to run every moment; a glance at
+    the result folder, where a file appears for each task that ends, costs next to nothing."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and ended_tasks() == seen:
+        time.sleep(min(glance_seconds, left))
+
+
+def ended_tasks() -> set[str]:
+    """The names of the queue's result files (none before the queue has run)."""
+    return {path.name for path in RESULTS.glob("*")}
 
 
 def finished_run(name: str):
