@@ -147,7 +147,12 @@ def test_a_space_is_read_with_its_conditions_and_search_settings(tmp_path, monke
         ("search: {pruner: median}\nspace:\n  train.lr: {uniform: [0.01, 0.1]}\n", "pruner"),
         (
             "search: {target: {val_accuracy: 0.5}}\nspace:\n  train.lr: {uniform: [0.01, 0.1]}\n",
-            "search.target is {val_accuracy: a fraction, epochs: a count}",
+            "search.target is {val_accuracy: a fraction in (0, 1], epochs: a count}",
+        ),
+        (  # a percentage where a fraction belongs: never reached
+            "search: {target: {val_accuracy: 56.7, epochs: 100}}\nspace:\n"
+            "  train.lr: {uniform: [0.01, 0.1]}\n",
+            "search.target is {val_accuracy: a fraction in (0, 1]",
         ),
     ],
 )

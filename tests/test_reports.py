@@ -165,6 +165,7 @@ def test_a_search_report_says_when_the_target_was_reached_and_the_epochs_spent_b
         (TrialState.COMPLETE, 0.61, 6, 2, 9),  # reaches it, but ends after trial 3
         (TrialState.COMPLETE, 0.58, 6, 6, 8),  # reaches it first
         (TrialState.COMPLETE, 0.70, 6, 9, 15),  # started after: not counted
+        (TrialState.FAIL, None, 3, 7, 7.5),  # failed beside it: its epochs count
     ]:
         study.add_trial(
             FrozenTrial(
@@ -173,15 +174,19 @@ def test_a_search_report_says_when_the_target_was_reached_and_the_epochs_spent_b
                 datetime_complete=t0 + timedelta(minutes=end),
                 params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
                 user_attrs={}, system_attrs={},
-                intermediate_values={e: value for e in range(1, epochs + 1)},
+                intermediate_values={e: value or 0.1 for e in range(1, epochs + 1)},
             )
         )  # fmt: skip
-    assert search.reached(study, 0.57) == {"trial": 3, "value": 0.58, "trials": 4, "epochs": 20}
+    assert search.reached(study, 0.57) == {"trial": 3, "value": 0.58, "trials": 5, "epochs": 23}
     assert search.reached(study, 0.9) is None
     plan = plans.Plan("joint", "space", "j", {}, (0,), {}, search={"target": {
-        "val_accuracy": 0.57, "epochs": 100}})  # fmt: skip
+        "val_accuracy": 0.57, "epochs": 100}, "seeds_of_the_best": [0, 1]})  # fmt: skip
     counts = search.summary(study)
-    assert counts["wall_minutes"] == 15
+    assert counts["wall_minutes"] == 15  # 0–15 with no gap: trials side by side count once
     (line, _) = search.target_lines(plan, study, "j", counts)
-    assert "first reached by j-t3 (58.0%), after at most 20 epochs in 4 trials" in line
-    assert "(**20%** of the 100 epochs" in line
+    assert "first reached by j-t3 (58.0%), after at most 23 epochs in 5 trials" in line
+    assert "(**23%** of the 100 epochs" in line
+    minute = timedelta(minutes=1)
+    assert search.busy_seconds([(t0, t0 + minute), (t0 + 5 * minute, t0 + 6 * minute)]) == 120
+    report = search.text(plan, study, "j", {}, {})
+    assert "Each trial is seed 0;" in report and line in report

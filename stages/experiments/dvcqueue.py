@@ -96,20 +96,22 @@ def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10) -> list[str]
     """Until every task in `ours` ({task id: name}) has ended, printing a line for each as it
     ends; the names of those that failed. `dvc queue status` every `poll_seconds`, or sooner
     when a task ends."""
-    left, failed, missing = dict(ours), [], set()
+    left, failed, missing = dict(ours), [], {}
     seen = ended_tasks()
     while left:
         sleep_until_a_task_ends(poll_seconds, seen)
-        now = tasks(queue_status())
-        seen = ended_tasks()
+        seen = ended_tasks()  # before the listing: a task ending during it wakes the next sleep
+        now, listed_at = tasks(queue_status()), time.monotonic()
         for task, name in list(left.items()):
             if task in now:
-                missing.discard(task)
+                missing.pop(task, None)
                 state = now[task][1]
-            elif task in missing:  # gone from two listings in a row: DVC collected it
-                state = "Success"
-            else:  # a listing taken while DVC rewrites its queue can lack a running task
-                missing.add(task)
+            elif task not in missing:  # a listing taken while DVC rewrites its queue can lack
+                missing[task] = listed_at  # a running task
+                continue
+            elif listed_at - missing[task] >= poll_seconds:
+                state = "Success"  # gone from the listings for a whole poll: DVC collected it
+            else:
                 continue
             if state not in ENDED:
                 continue

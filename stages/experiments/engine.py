@@ -519,7 +519,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("command", choices=["run", "report"])
     parser.add_argument("--grid", required=True, help=f"a plan ({', '.join(plans.names())})")
     parser.add_argument("--prefix", help="experiment names <prefix>-… (default: the plan's)")
-    parser.add_argument("--jobs", type=int, default=1, help="experiments at once (DVC workers)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="experiments at once (DVC queue workers; processes with --without-dvc)",
+    )
     parser.add_argument("--seeds", help="comma-separated seeds (default: the plan's)")
     parser.add_argument(
         "--rows",

@@ -82,6 +82,8 @@ def run_experiment(job: tuple[str, dict, Path, Path, Path]) -> tuple[str, str | 
         run_stages(folder, params, journal, name, log=folder / "log.txt")
         return name, None
     except BaseException as exc:  # a stage's SystemExit too: the other experiments go on
+        if isinstance(exc, SystemExit) and isinstance(exc.code, str):
+            return name, exc.code.strip()[:300]  # a stage's own line: error (<stage>): ...
         return name, f"{type(exc).__name__}: {str(exc).strip()[:300]}"
 
 

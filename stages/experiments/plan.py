@@ -241,10 +241,11 @@ def _search(path: Path, search: dict) -> dict:
     if target is not None and (
         not isinstance(target, dict)
         or set(target) != TARGET_KEYS
-        or not all(_number(v) and v > 0 for v in target.values())
+        or not (_number(target["val_accuracy"]) and 0 < target["val_accuracy"] <= 1)
+        or not (isinstance(target["epochs"], int) and target["epochs"] > 0)
     ):
         raise ParamsError(
-            f"{path}: search.target is {{val_accuracy: a fraction, epochs: a count}}, "
+            f"{path}: search.target is {{val_accuracy: a fraction in (0, 1], epochs: a count}}, "
             f"not {target!r}"
         )
     return settings

@@ -185,7 +185,12 @@ class JournaledRun:
 
 def read_run(folder: Path) -> JournaledRun:
     """The run journaled in `folder` (<journal>/<run id>/)."""
-    lines = [json.loads(line) for line in (folder / JOURNAL).read_text().splitlines()]
+    lines = []
+    for text in (folder / JOURNAL).read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:  # a line cut short by a killed process: the run ends there
+            break
     start, params, metrics, steps, tags = lines[0], {}, {}, {}, dict(lines[0]["tags"])
     ends = [line for line in lines if line["kind"] == "end"]
     for line in lines:
@@ -207,7 +212,7 @@ def read_run(folder: Path) -> JournaledRun:
             experiment_id=start["experiment"],
             status=ends[-1]["status"] if lines[-1]["kind"] == "end" else "RUNNING",
             start_time=start["time"],
-            end_time=ends[-1]["time"] if ends else None,
+            end_time=ends[-1].get("time") if ends else None,
         ),
         RunData(params, metrics, tags),
     )

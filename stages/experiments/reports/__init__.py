@@ -86,13 +86,17 @@ def runs_in(text: str) -> int | None:
 
 
 def committed(path: Path) -> str | None:
-    """The file's text in git's HEAD, or None (not in a git repository, or not committed)."""
+    """The file's text in git's HEAD, or None (no git, not in a git repository, or not
+    committed)."""
     path = Path(path)
     if not path.parent.is_dir():
         return None
-    result = subprocess.run(
-        ["git", "show", f"HEAD:./{path.name}"], capture_output=True, text=True, cwd=path.parent
-    )
+    try:
+        result = subprocess.run(
+            ["git", "show", f"HEAD:./{path.name}"], capture_output=True, text=True, cwd=path.parent
+        )
+    except OSError:  # no git here (a GPU machine running the engine without DVC)
+        return None
     return result.stdout if result.returncode == 0 else None
 
 

@@ -40,10 +40,9 @@ def summary(study) -> dict:
         for t in ended
         if t.datetime_complete and t.datetime_start
     )
-    spans = [(t.datetime_start, t.datetime_complete) for t in ended if t.datetime_complete]
-    wall = (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds() if spans else 0
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in ended if t.datetime_complete)
     return {
-        "wall_minutes": wall / 60,
+        "wall_minutes": busy_seconds(spans) / 60,
         "complete": len(by_state[TrialState.COMPLETE]),
         "pruned": len(by_state[TrialState.PRUNED]),
         "failed": len(by_state[TrialState.FAIL]),
@@ -52,22 +51,37 @@ def summary(study) -> dict:
     }
 
 
+def busy_seconds(spans: list[tuple]) -> float:
+    """The time some trial was running: the union of the (start, end) spans, sorted by start
+    (trials side by side count once; a pause between two runs of the command not at all)."""
+    total, end = 0.0, None
+    for start, stop in spans:
+        if end is None or start > end:
+            total += (stop - start).total_seconds()
+            end = stop
+        elif stop > end:
+            total += (stop - end).total_seconds()
+            end = stop
+    return total
+
+
 def reached(study, target: float) -> dict | None:
     """When the search first reached validation accuracy `target`: the first trial to end with
-    it (by the time it ended), and the epochs of every trial that had started by then, counted
-    whole (a trial running beside it may have gone on after: an upper bound). None if none did."""
+    it (by the time it ended), and the epochs of every trial that had started by then, whatever
+    its state (pruned, failed, still running), counted whole (a trial running beside it may have
+    gone on after: an upper bound). None if none did."""
     from optuna.trial import TrialState
 
-    ended = [
+    started = [t for t in study.get_trials(deepcopy=False) if t.datetime_start]
+    hits = [
         t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        if t.datetime_complete and t.datetime_start
+        for t in started
+        if t.state == TrialState.COMPLETE and t.datetime_complete and t.value >= target
     ]
-    hits = [t for t in ended if t.state == TrialState.COMPLETE and t.value >= target]
     if not hits:
         return None
     first = min(hits, key=lambda t: t.datetime_complete)
-    by_then = [t for t in ended if t.datetime_start <= first.datetime_complete]
+    by_then = [t for t in started if t.datetime_start <= first.datetime_complete]
     return {
         "trial": first.number,
         "value": first.value,
@@ -99,10 +113,10 @@ def text(plan: plans.Plan, study, prefix: str, by_name: dict, chosen_alone: dict
         "",
         f"{counts['complete'] + counts['pruned']} trials ({counts['complete']} complete, "
         f"{counts['pruned']} pruned, {counts['failed']} failed), {counts['epochs']} epochs, "
-        f"{counts['minutes']:.0f} minutes of trials ({counts['wall_minutes']:.0f} minutes from "
-        "the first trial's start to the last one's end, with workers side by side; the DVC "
-        "queue's start-up and the reruns not included). Each trial is seed {plan.seeds[0]}; the "
-        f"best is chosen on validation accuracy (the value Optuna maximizes), and its recipe is "
+        f"{counts['minutes']:.0f} minutes of trials, each from its start to its end, queueing "
+        f"included ({counts['wall_minutes']:.0f} minutes while some trial ran: workers side by "
+        f"side count once; the reruns of the best not included). Each trial is seed "
+        f"{plan.seeds[0]}; the best is chosen on validation accuracy (the value Optuna maximizes), and its recipe is "
         "then rerun unpruned with more seeds, whose test accuracy is read once.",
         "",
         *target_lines(plan, study, prefix, counts),
