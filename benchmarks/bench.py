@@ -266,7 +266,7 @@ def time_lite0(images, labels, sizes=LITE0_SIZES) -> dict:
     recompute = time_epoch(model, images, labels, batch=LITE0_BATCH)
     prefix, suffix = feature_cache.split(model, "efficientnet_lite0", "backbone")
     start = time.perf_counter()
-    cached = predict.predict(prefix, images, batch_size=predict.batch_size_for(size))
+    cached = predict.predict(prefix, images, batch_size=feature_cache.PREFIX_BATCH)
     rows["probe_cache_fill_seconds"] = time.perf_counter() - start
     from_cache = time_epoch(suffix, cached, labels, batch=LITE0_BATCH)
     rows[f"probe_recompute_{size}"] = n / recompute
@@ -292,7 +292,7 @@ def time_partial(images, labels, size: int = 224) -> dict:
         model, _ = lite0(size, frozen, freeze_bn=False)  # the trained blocks' batch norm adapts
         prefix, suffix = feature_cache.split(model, "efficientnet_lite0", frozen)
         start = time.perf_counter()
-        cached = predict.predict(prefix, images, batch_size=predict.batch_size_for(size))
+        cached = predict.predict(prefix, images, batch_size=feature_cache.PREFIX_BATCH)
         rows[f"prefix_{depth}"] = n / (time.perf_counter() - start)
         rows[f"cached_epoch_{depth}"] = n / time_epoch(suffix, cached, labels, batch=LITE0_BATCH)
         rows[f"recompute_epoch_{depth}"] = n / time_epoch(model, images, labels, batch=LITE0_BATCH)

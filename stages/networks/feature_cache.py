@@ -34,7 +34,11 @@ from stages.networks import freeze, predict, registry
 from stages.networks.build import Normalized, network, prepare
 from stages.runtime import repo_root
 
-FORMAT = 1  # bump when what a cache file holds, or how it is computed, changes
+FORMAT = 2  # bump when what a cache file holds, or how it is computed, changes (2: PREFIX_BATCH)
+# Images per batch of the prefix's one pass: small batches keep a block's activations in the
+# CPU's caches, where the large ones of predict.batch_size_for spill to memory (measured at 224 px
+# in docs/fine-tuning.md#the-prefixs-pass-small-batches).
+PREFIX_BATCH = 8
 CACHE = Path("data/feature-cache")  # under the repository root; not a DVC output
 
 
@@ -225,8 +229,7 @@ def features(prefix: nn.Module, images: torch.Tensor, params) -> torch.Tensor:
             ):
                 return saved["features"]
             print(f"feature cache: {path} is from another format version: recomputing")
-    size = params.model.input_size or images.shape[-1]
-    out = predict.predict(prefix, images, batch_size=predict.batch_size_for(size))
+    out = predict.predict(prefix, images, batch_size=PREFIX_BATCH)
     sio.save_torch(path, {"format": FORMAT, "key": key, "features": out})
     return out
 
