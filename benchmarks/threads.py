@@ -1,19 +1,20 @@
 """A shared machine: one training alone, and each of two trainings at once.
 
-    python benchmarks/threads.py [--images 10000] [--epochs 3] [--repeats 3]   (part of make bench)
+    python benchmarks/threads.py [--images 10000] [--epochs 2] [--repeats 4]   (part of make bench)
 
 Times the pipeline's training epoch (`net`, batch 100, synthetic 32×32 images) in separate
 processes started together, and reports each process's own images per second:
-- one training alone, as the pipeline runs it (stages/__init__.py shortens OpenMP's spin-wait,
-  GOMP_SPINCOUNT, before torch loads);
-- one training alone with PyTorch's default (long) spin-wait: what a solo run costs or gains from
-  the short one;
-- two trainings at once, every core each: two `dvc exp run`s, or one beside `make test`;
-- the same with PyTorch's default spin-wait: the collapse the pipeline avoids;
-- two DVC queue workers (`dvc queue start -j 2`): cores / 2 threads each (stages/runtime.py).
-Cases are interleaved, `--repeats` rounds; the median over rounds (and processes) is reported.
-Writes reports/threads.json and prints a Markdown table with each figure as a fraction of the
-pipeline's training alone.
+- one training alone, as the pipeline runs it: every core, PyTorch's own OpenMP settings;
+- one training alone with a short OpenMP spin-wait (GOMP_SPINCOUNT=1000, the former default);
+- two trainings at once as the pipeline runs them: each counts the other (runtime.CoreShare) and
+  takes cores / 2 threads (two `dvc exp run`s, two queue workers, one beside `make test`);
+- two at once, every core each, PyTorch's default spin-wait: the collapse the pipeline avoids;
+- two at once, every core each, the short spin-wait: the former pipeline;
+- a pipeline training beside a PyTorch program that is not the pipeline's (every core, default
+  spin-wait), each reported on its own.
+Every process registers (when it shares) and builds its data before a common start. Cases are
+interleaved, `--repeats` rounds; the median over rounds (and like processes) is reported. Writes
+reports/threads.json and prints a Markdown table, each figure a fraction of the pipeline alone.
 """
 
 from __future__ import annotations
@@ -29,13 +30,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# `{first}` is imported first: `stages` (its __init__ sets the spin-wait, as for every stage) or
-# `torch` (loaded before stages can set it: PyTorch's default).
 WORKER = """
-import {first}
-import sys, time, torch
+import contextlib, sys, time, torch
 sys.path.insert(0, {repo!r})
-from stages import params as P, train
+from stages import params as P, runtime, train
 from stages.data import epoch_generator
 from stages.networks import small
 torch.set_num_threads({threads})
@@ -48,23 +46,49 @@ p = P.Train(lr=0.001, momentum=0.9)
 opt = train.make_optimizer(p, model)
 sched = train.make_scheduler(p, opt, {images} // 100)
 loss_fn = train.make_loss(p, model, None)
-start = time.perf_counter()
-for epoch in range({epochs}):
-    train.train_one_epoch(model, images, labels, train.Recipe(opt, sched, loss_fn, 100), epoch_generator(0, epoch))
+with runtime.CoreShare() if {share} else contextlib.nullcontext():
+    print("ready", flush=True)
+    sys.stdin.readline()  # every process is ready: go
+    start = time.perf_counter()
+    for epoch in range({epochs}):
+        train.train_one_epoch(model, images, labels, train.Recipe(opt, sched, loss_fn, 100), epoch_generator(0, epoch))
 print(time.perf_counter() - start)
 """
 
+# A process: (shares the cores as the pipeline does, OpenMP spin-wait count or None for libgomp's)
+PIPELINE, SHORT_SPIN = (True, None), (True, "1000")
+EVERY_CORE, EVERY_CORE_SHORT_SPIN = (False, None), (False, "1000")
 
-def run(processes: int, threads: int, first: str, images: int, epochs: int) -> list[float]:
-    """Each process's images per second, `processes` trainings started together."""
-    code = WORKER.format(first=first, repo=str(REPO), threads=threads, images=images, epochs=epochs)
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env["PYTHONPATH"] = str(REPO)
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
-        for _ in range(processes)
-    ]
-    seconds = [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+
+def run(processes: list[tuple[bool, str | None]], images: int, epochs: int) -> list[float]:
+    """Each process's images per second, the processes started together."""
+    cores = len(os.sched_getaffinity(0))
+    procs = []
+    for share, spin in processes:
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+        }
+        env["PYTHONPATH"] = str(REPO)
+        if spin is not None:
+            env["GOMP_SPINCOUNT"] = spin
+        code = WORKER.format(
+            repo=str(REPO), threads=cores, share=share, images=images, epochs=epochs
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    seconds = [float(proc.communicate()[0].strip().splitlines()[-1]) for proc in procs]
     return [images * epochs / s for s in seconds]
 
 
@@ -73,24 +97,34 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "threads.json")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
-    cases = {  # name: (processes, threads each, imported first)
-        "one training alone (the pipeline)": (1, cores, "stages"),
-        "one training alone, PyTorch's default spin": (1, cores, "torch"),
-        "each of two at once (the pipeline)": (2, cores, "stages"),
-        "each of two at once, PyTorch's default spin": (2, cores, "torch"),
-        "each of two queue workers (dvc queue start -j 2)": (2, max(1, cores // 2), "stages"),
+    cases = {  # name: the processes started together; each one's figure goes to its row
+        "one training alone (the pipeline)": [PIPELINE],
+        "one training alone, short spin-wait (GOMP_SPINCOUNT=1000)": [SHORT_SPIN],
+        "each of two at once (the pipeline: cores / 2 threads each)": [PIPELINE, PIPELINE],
+        "each of two at once, every core each (PyTorch's default)": [EVERY_CORE, EVERY_CORE],
+        "each of two at once, every core each, short spin-wait": [
+            EVERY_CORE_SHORT_SPIN,
+            EVERY_CORE_SHORT_SPIN,
+        ],
+        "a pipeline training beside a PyTorch program outside it": [PIPELINE, EVERY_CORE],
     }
     rounds: dict[str, list[float]] = {name: [] for name in cases}
+    rounds["... and the program outside it"] = []
     for _ in range(args.repeats):
-        for name, (processes, threads, first) in cases.items():
+        for name, processes in cases.items():
             time.sleep(1)
-            rounds[name] += run(processes, threads, first, args.images, args.epochs)
-            print(f"{name}: {[round(x) for x in rounds[name]]} images/s", flush=True)
+            speeds = run(processes, args.images, args.epochs)
+            if processes == [PIPELINE, EVERY_CORE]:
+                rounds[name].append(speeds[0])
+                rounds["... and the program outside it"].append(speeds[1])
+            else:
+                rounds[name] += speeds
+            print(f"{name}: {[round(x) for x in speeds]} images/s", flush=True)
     median = {name: statistics.median(values) for name, values in rounds.items()}
     alone = median["one training alone (the pipeline)"]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from stages.data import load_split
 from stages.errors import StageError
 from stages.networks import feature_cache, predict, registry, tasks, weights
 from stages.networks.build import build_model, network
-from stages.runtime import cpu_threads, resolve_device
+from stages.runtime import CoreShare, resolve_device
 from stages.tracking import runs, store
 
 RAW = Path("data/raw")
@@ -49,9 +49,15 @@ WISE_PNG = Path("reports/wise.png")
 def main() -> None:
     params = P.load()
     store.check_reachable(store.tracking_uri(params.mlflow))  # before any work, not after it
-    torch.set_num_threads(cpu_threads())
     test_x, test_y = load_split(RAW, "test")
     model, trained_with, classes = load_model(MODEL, image_size=test_x.shape[-1])
+    # its share of the cores while it computes (a train.threads the model was trained with holds)
+    with CoreShare(fixed=trained_with.train.threads):
+        evaluate(params, model, trained_with, classes, (test_x, test_y))
+
+
+def evaluate(params: P.Params, model, trained_with: P.Params, classes: list[str], test_set) -> None:
+    test_x, test_y = test_set
     device = resolve_device(trained_with.train.device)
     model.to(device)  # the images stay on the CPU: predict moves each batch
     alphas = params.evaluate.wise_alphas

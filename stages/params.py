@@ -182,7 +182,8 @@ class Train(Section):
     # with model.freeze: the frozen blocks' outputs computed once per image and reused every
     # epoch, when nothing random reaches them (stages/networks/feature_cache.py); false recomputes
     feature_cache: bool = True
-    # PyTorch CPU threads; 0 = the cores this process may use, shared among running DVC queue workers
+    # PyTorch CPU threads; 0 = every core this process may use when it computes alone, its share
+    # when others of the pipeline compute on this machine too (runtime.CoreShare)
     threads: int = Field(0, ge=0)
     # processes of distributed data-parallel training (torchrun, one per GPU or a share of the
     # CPU cores each); batch_size stays the global batch. Under torchrun, its --nproc-per-node rules.

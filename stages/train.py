@@ -50,7 +50,7 @@ from stages.data import Policy, augment, epoch_generator, load_split, to_float
 from stages.errors import StageError
 from stages.networks import feature_cache, freeze, predict, registry, tasks, weights
 from stages.networks.build import build_model, channel_mean_std, network
-from stages.runtime import cpu_threads, repo_root, resolve_device
+from stages.runtime import CoreShare, keep_fair, repo_root, resolve_device
 from stages.tracking import runs, store, trial
 
 PREPARED = Path("data/prepared")
@@ -67,6 +67,11 @@ def main() -> None:
     params = P.load()
     store.check_reachable(store.tracking_uri(params.mlflow))  # fail now, not after the data
     proc = set_up_process(params)
+    with proc.cores:  # this process's share of the cores, as long as it computes
+        train(params, proc)
+
+
+def train(params: P.Params, proc: Process) -> None:
     torch.manual_seed(params.seed)  # the weights' initialization
     data = load_data(PREPARED)
     model = set_up_model(params, data)
@@ -112,6 +117,7 @@ class Process:
     """Where this process trains: its device, and its place among data-parallel processes."""
 
     device: torch.device
+    cores: CoreShare
     rank: int = 0
     world: int = 1
 
@@ -134,9 +140,8 @@ def set_up_process(params: P.Params) -> Process:
     rank, world = start_distributed(device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(params.train.threads or cpu_threads() // local_processes or 1)
-    return Process(device, rank, world)
+    # its threads: cores / the processes computing on this machine (each rank counts), or train.threads
+    return Process(device, CoreShare(fixed=params.train.threads), rank, world)
 
 
 @dataclass
@@ -338,7 +343,6 @@ def log_start(model: Model, proc: Process) -> None:
     runs.log_metrics(
         {
             "num_parameters": predict.count_parameters(model.module),
-            "torch_threads": torch.get_num_threads(),
             "world_size": proc.world,
         }
     )
@@ -394,7 +398,8 @@ def fit(
             if improved and restore_best:
                 kept = averaging.measured(state.averaged, model.module)
                 state.best_state = {k: v.clone() for k, v in kept.state_dict().items()}
-            log_epoch(row, batch_loss, seconds, state, model, epoch > state.logged_epochs)
+            threads = proc.cores.fewest_since_asked()
+            log_epoch(row, batch_loss, seconds, threads, state, model, epoch > state.logged_epochs)
             save_checkpoint(state, model.module, run.info.run_id, checkpoint)
         if stopping and state.stopper.should_stop:
             if proc.logs:
@@ -445,27 +450,35 @@ def run_epoch(
 
 
 def log_epoch(
-    row: dict, batch_loss: float, seconds: float, state: Training, model: Model, log: bool = True
+    row: dict,
+    batch_loss: float,
+    seconds: float,
+    threads: int,
+    state: Training,
+    model: Model,
+    log: bool = True,
 ) -> None:
     """Print the epoch's line; log its metrics unless the resumed MLflow run already has them
-    (the same values: the rerun epoch is bit-identical)."""
+    (the same values: the rerun epoch is bit-identical). `threads`: the fewest it trained with."""
     if log:
-        log_metrics_of_epoch(row, batch_loss, seconds, state, model)
+        log_metrics_of_epoch(row, batch_loss, seconds, threads, state, model)
     print(
         f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-        f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s",
+        f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {seconds:.1f}s"
+        f"  {threads} thread{'s' if threads > 1 else ''}",
         flush=True,
     )
 
 
 def log_metrics_of_epoch(
-    row: dict, batch_loss: float, seconds: float, state: Training, model: Model
+    row: dict, batch_loss: float, seconds: float, threads: int, state: Training, model: Model
 ) -> None:
     runs.log_metrics(
         {
             **row,
             "train_batch_loss": batch_loss,
             "epoch_seconds": seconds,
+            "torch_threads": threads,  # fewer than the cores: the epoch shared them
             "gap": row["train_accuracy"] - row["val_accuracy"],
             "lr": state.optimizer.param_groups[-1]["lr"],  # the head's
             "trainable_parameters": trainable_parameters(model.module),
@@ -735,6 +748,7 @@ def train_one_epoch(
         stop -= stop % batch_size
     bar = tqdm(range(0, stop, batch_size), desc=desc, leave=False, disable=not sys.stderr.isatty())
     for start in bar:
+        keep_fair()  # fewer threads while others compute on this machine, all of them again after
         idx = order[start : start + batch_size][rank::world]
         x, y = to_float(images[idx]), labels[idx]
         if cuda:

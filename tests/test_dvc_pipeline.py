@@ -302,11 +302,10 @@ def test_the_study_command_runs_a_parallel_queue_and_reports_every_run(repo, pic
             "a DVC queue worker died at start: the runs were not parallel this time", stacklevel=1
         )
     else:
-        # The two workers really ran at the same time: some two runs overlap ...
+        # The two workers really ran at the same time: some two runs overlap (how their
+        # trainings share the cores meanwhile: tests/test_sharing.py)
         spans = sorted((by_name[n].info.start_time, by_name[n].info.end_time) for n in names)
         assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
-        # ... and each training took its share of this machine's cores, not all of them.
-        assert max(1, cores // 2) in threads
 
     table = (repo / "reports/tiny-regularization.md").read_text()
     assert (

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from stages.data import to_float
 from stages.networks import tasks
 from stages.networks.build import Normalized
+from stages.runtime import keep_fair
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -37,6 +38,7 @@ def predict(
     outputs = []
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for i in range(0, len(images), batch_size):
+            keep_fair()  # the threads follow what else computes on this machine
             x = to_float(images[i : i + batch_size].to(device))
             outputs.append(model(x, tasks=True) if all_tasks else {"main": model(x)})
     model.train(was_training)
