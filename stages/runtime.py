@@ -7,6 +7,7 @@ the MLflow store and the resume checkpoints belong to the main repository.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -52,8 +53,15 @@ class CoreShare:
 
     def __enter__(self) -> CoreShare:
         global _share
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.file.touch()
+        try:
+            if not self.folder.is_dir():
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self.folder.chmod(0o1777)  # every user's processes meet here, as in /tmp
+            self.file.touch()
+        except OSError as error:  # a folder we may not write: counted by no one, still counting
+            print(
+                f"warning: {self.folder}: {error.strerror}; the other trainings can't see this one"
+            )
         _share = self
         self.refresh(force=True)
         return self
@@ -61,19 +69,25 @@ class CoreShare:
     def __exit__(self, *exc) -> None:
         global _share
         _share = None
-        self.file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never written (the warning above), or gone
+            self.file.unlink()
 
     def processes(self) -> int:
         """The pipeline's processes computing on this machine now, this one included; the files
         of processes that have gone (killed before they could remove theirs) are removed."""
         alive = 0
-        for entry in self.folder.iterdir():
+        try:
+            entries = list(self.folder.iterdir())
+        except OSError:
+            entries = []
+        for entry in entries:
             pid, _, started = entry.name.partition("-")
             if pid.isdigit() and _started(int(pid)) == started:
-                alive += 1
+                alive += int(entry != self.file)
             else:
-                entry.unlink(missing_ok=True)  # gone, or its pid reused by another program
-        return max(1, alive)
+                with contextlib.suppress(OSError):  # another user's, in the sticky folder
+                    entry.unlink()  # gone, or its pid reused by another program
+        return 1 + alive  # this one, whether or not its file could be written
 
     def threads(self) -> int:
         return self.fixed or max(1, self.cores // self.processes())

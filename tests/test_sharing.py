@@ -135,3 +135,20 @@ def test_the_train_stage_logs_the_threads_of_each_epoch_and_shares_with_company(
         (epoch, share) for epoch in range(1, len(lines) + 1)
     ]
     assert list(folder.iterdir()) == []  # neither left a file behind
+
+
+def test_a_folder_it_cannot_write_is_one_warning_and_the_training_goes_on(tmp_path, capsys):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    before = torch.get_num_threads()
+    try:
+        with CoreShare(folder=blocked, every=0) as share:
+            runtime.keep_fair()
+            assert share.processes() == 1 and torch.get_num_threads() == CORES
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert (
+        out.startswith(f"warning: {blocked}: ") and "the other trainings can't see this one" in out
+    )
+    assert blocked.read_text() == "not a folder"
