@@ -49,7 +49,7 @@ class CoreShare:
         self.cores = len(os.sched_getaffinity(0))
         self.file = self.folder / f"{os.getpid()}-{_started(os.getpid())}"
         self.checked = -math.inf
-        self.fewest = self.cores  # the fewest threads used since fewest_since_asked()
+        self.fewest = fixed or self.cores  # the fewest threads used since fewest_since_asked()
 
     def __enter__(self) -> CoreShare:
         global _share
