@@ -125,6 +125,9 @@ class Model(Section):
     conv_dropout: float = Field(
         0.0, ge=0, lt=1
     )  # net, cnn: p of spatial dropout after each conv block
+    # EfficientNet-Lite: p of the dropout before the classifier; null = the network's own (0.2,
+    # Lite2 0.3). In the trainable suffix: the feature cache still applies.
+    head_dropout: float | None = Field(None, ge=0, lt=1)
     # none | imagenet | a state-dict file | runs:/<run id>/model or models:/... (stages/networks/weights.py)
     pretrained: str = Field("none", min_length=1)
     input_size: int | None = Field(
@@ -286,7 +289,14 @@ def parse(raw: dict[str, Any]) -> Params:
     return params
 
 
-SHAPE_KEYS = ("width", "depth", "batch_norm", "dropout", "conv_dropout")  # of some networks only
+SHAPE_KEYS = (
+    "width",
+    "depth",
+    "batch_norm",
+    "dropout",
+    "conv_dropout",
+    "head_dropout",
+)  # of some networks only
 
 
 def input_sizes(m: Model) -> tuple[int, int, str]:

@@ -199,3 +199,27 @@ def test_a_freeze_deeper_than_the_network_is_refused_by_the_check_stage(name):
             f"params.yaml: model.freeze = all_but_last_{count + 1}: {name} has only {count} "
             f"blocks (all_but_last_{count} or none trains every one)"
         )
+
+
+@pytest.mark.parametrize("variant", [0, 2])
+def test_the_dropout_before_a_lites_head_is_a_param_and_refused_elsewhere(variant):
+    """model.head_dropout changes the p of EfficientNet-Lite's dropout before its classifier and
+    nothing else (null keeps the network's own); a network without that layer refuses it."""
+    own = {0: 0.2, 2: 0.3}[variant]
+    name = f"efficientnet_lite{variant}"
+    m = P.parse({"model": {"name": name, "input_size": 64}}).model
+    torch.manual_seed(0)
+    default = registry.network(name).build(m, 10)
+    torch.manual_seed(0)
+    m = P.parse({"model": {"name": name, "input_size": 64, "head_dropout": 0.5}}).model
+    changed = registry.network(name).build(m, 10)
+    assert default._dropout.p == own and changed._dropout.p == 0.5
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(default.state_dict().values(), changed.state_dict().values())
+    )
+    with pytest.raises(ParamsError) as err:
+        P.parse({"model": {"name": "net", "head_dropout": 0.5}})
+    assert str(err.value).startswith(
+        "params.yaml: model.head_dropout = 0.5 applies to efficientnet_lite0"
+    )

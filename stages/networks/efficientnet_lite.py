@@ -161,11 +161,14 @@ class EfficientNetLite(nn.Module):
         ]
 
 
-def build(variant: int, num_classes: int) -> EfficientNetLite:
+def build(variant: int, num_classes: int, head_dropout: float | None = None) -> EfficientNetLite:
     """Lite<variant> as its ImageNet weights were trained (1,000 classes, random weights), then a
-    new classifier for `num_classes` (drawn after the ImageNet one, as before the registry)."""
+    new classifier for `num_classes` (drawn after the ImageNet one, as before the registry);
+    head_dropout: another p for the dropout before it (None: the network's own)."""
     net = EfficientNetLite(variant)
     net._fc = nn.Linear(net._fc.in_features, num_classes)
+    if head_dropout is not None:
+        net._dropout.p = head_dropout  # no weights: the same network, another p
     return net
 
 

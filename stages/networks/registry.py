@@ -84,7 +84,9 @@ def _torchvision(name: str, head: str) -> Network:
 
 def _efficientnet_lite(variant: int, size: int) -> Network:
     return Network(
-        build=lambda m, classes: _defined_in("efficientnet_lite").build(variant, classes),
+        build=lambda m, classes: _defined_in("efficientnet_lite").build(
+            variant, classes, m.head_dropout
+        ),
         head="_fc",
         blocks=lambda net: net.blocks(),
         layers=lambda net: net.layers(),
@@ -92,6 +94,7 @@ def _efficientnet_lite(variant: int, size: int) -> Network:
         mean_std=((127 / 255,) * 3, (128 / 255,) * 3),  # (x - 127) / 128 on 0-255 pixels
         weights=lambda: _defined_in("efficientnet_lite").weights_file(variant),
         block_count=lambda m: LITE_BLOCKS[variant],
+        shape_keys=("head_dropout",),
     )
 
 
