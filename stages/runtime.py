@@ -62,15 +62,18 @@ class CoreShare:
             print(
                 f"warning: {self.folder}: {error.strerror}; the other trainings can't see this one"
             )
-        _share = self
+        self.outer, _share = _share, self
         self.refresh(force=True)
         return self
 
     def __exit__(self, *exc) -> None:
         global _share
-        _share = None
-        with contextlib.suppress(OSError):  # never written (the warning above), or gone
-            self.file.unlink()
+        _share = self.outer  # a share entered inside another (a stage's main under pytest)
+        if self.file != getattr(self.outer, "file", None):
+            with contextlib.suppress(OSError):  # never written (the warning above), or gone
+                self.file.unlink()
+        if self.outer is not None:
+            self.outer.refresh(force=True)
 
     def processes(self) -> int:
         """The pipeline's processes computing on this machine now, this one included; the files

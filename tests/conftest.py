@@ -29,12 +29,22 @@ from PIL import Image
 
 from stages import augment, download
 from stages.io import sha256_of
+from stages.runtime import CoreShare
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "ship"]
 
 # The tests log to stores of their own, never to the server of the shell that runs them.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_suite_shares_the_cores():
+    """The test suite counts as one process computing on this machine while it runs
+    (runtime.CoreShare): a training beside `make test` takes its share of the cores instead of
+    spinning against the tests' own work (docs/speed.md, "A shared machine")."""
+    with CoreShare():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -102,10 +102,19 @@ def test_files_of_processes_that_have_gone_are_not_counted_and_are_removed(tmp_p
         assert [p.name for p in tmp_path.iterdir()] == [share.file.name]
 
 
-def test_outside_a_share_keep_fair_changes_nothing():
+def test_a_share_inside_another_of_the_same_process_hands_back_to_it(tmp_path):
+    """A stage's main() under the test suite (which shares the cores as one process): the inner
+    share is the same file, which stays until the outer one ends."""
     before = torch.get_num_threads()
-    runtime.keep_fair()
-    assert torch.get_num_threads() == before
+    try:
+        with CoreShare(folder=tmp_path) as outer:
+            with CoreShare(folder=tmp_path, every=0) as inner:
+                assert inner.file == outer.file and inner.processes() == 1
+            assert list(tmp_path.iterdir()) == [outer.file]
+            assert runtime._share is outer
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_train_stage_logs_the_threads_of_each_epoch_and_shares_with_company(

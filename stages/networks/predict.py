@@ -15,6 +15,9 @@ from stages.networks import tasks
 from stages.networks.build import Normalized
 from stages.runtime import keep_fair
 
+# Rows per batch over cached feature maps (docs/fine-tuning.md, "The prefix's pass: small batches")
+MAP_BATCH = 8
+
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -25,9 +28,14 @@ def predict(
     model: nn.Module, images: torch.Tensor, batch_size: int | None = None, all_tasks: bool = False
 ):
     """Logits for uint8 images, in eval mode (no dropout) and large batches without gradients:
-    1,000 images of 32×32, fewer of larger inputs (activations grow with the pixels).
+    1,000 images of 32×32, fewer of larger inputs (activations grow with the pixels); a feature
+    cache's float maps in batches of MAP_BATCH.
     all_tasks: a MultiTask model's {task: logits}, every head on the same images."""
     inner = getattr(model, "_orig_mod", model)  # under torch.compile
+    if batch_size is None and images.is_floating_point() and images.dim() == 4:
+        # a feature cache's maps (the trainable suffix measuring its rows): the blocks after them
+        # widen each map several times, and small batches keep that in the CPU's caches
+        batch_size = MAP_BATCH
     if batch_size is None:
         shown = tasks.unwrap(inner)
         size = shown.size if isinstance(shown, Normalized) and shown.size else images.shape[-1]
