@@ -722,3 +722,14 @@ def test_workers_sharing_a_storage_take_every_point_once(tmp_path, monkeypatch, 
     assert sorted(ran) == sorted(name for name, _ in todo)  # every point, once
     assert failed == ["p-r3-s0"]
     assert engine.take_points(todo, "p", args) == [] and len(ran) == len(todo)  # nothing left
+
+
+def test_a_search_that_draws_its_epochs_prunes_within_the_most_it_may_draw(tmp_path):
+    """The pruner's budget is train.epochs: of the regime, or the largest the space may draw
+    (finetune-cpu-search draws it); a search with neither is one line."""
+    assert engine.pruner_args(plans.load("finetune-cpu-search"), {})["epochs"] == 15
+    assert engine.pruner_args(plans.load("finetune-cpu-search"), {"train.epochs": 4})["epochs"] == 4
+    assert engine.pruner_args(plans.load("joint"), {})["epochs"] == 60
+    (tmp_path / "no-epochs.yaml").write_text("space:\n  train.lr: {log_uniform: [0.01, 0.1]}\n")
+    with pytest.raises(ParamsError, match="sets train.epochs in its regime or its space"):
+        engine.pruner_args(plans.load(tmp_path / "no-epochs.yaml"), {})

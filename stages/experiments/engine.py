@@ -289,9 +289,17 @@ def open_study(plan: plans.Plan, prefix: str, storage: str, extra: dict | None =
 
 
 def pruner_args(plan: plans.Plan, extra: dict) -> dict:
+    """The pruner's settings; its budget is the most epochs a trial may train: train.epochs of
+    --set or the regime, or the largest the space may draw."""
     epochs = extra.get("train.epochs", plan.regime.get("train.epochs"))
+    drawn = [d for d in plan.space if d.param == "train.epochs"]
+    if epochs is None and drawn:
+        d = drawn[0]
+        epochs = max(d.args) if d.kind == "categorical" else int(d.args[1])
     if epochs is None:
-        raise ParamsError(f"plan {plan.name!r}: a search's regime sets train.epochs")
+        raise ParamsError(
+            f"plan {plan.name!r}: a search sets train.epochs in its regime or its space"
+        )
     return {
         "kind": plan.search["pruner"],
         "min_epochs": plan.search["min_epochs"],
