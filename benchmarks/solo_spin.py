@@ -1,17 +1,17 @@
-"""What the short OpenMP spin-wait costs a training that runs alone: interleaved solo pairs.
+"""What a short OpenMP spin-wait (GOMP_SPINCOUNT=1000, the pipeline's default until 2026-12-07)
+costs a training that runs alone: interleaved solo pairs.
 
     python benchmarks/solo_spin.py [--rounds 14]
 
-Each round times one training alone with the pipeline's spin (`stages` imported first) and one
-with PyTorch's default (`torch` first), the order alternating, with benchmarks/threads.py's
-worker (`net`, batch 100, 10,000 synthetic images, 2 epochs); prints each round's ratio and the
-median and quartiles of the paired ratios. Run it on an otherwise idle machine.
+Each round times one training alone with the short spin and one as the pipeline now runs it
+(PyTorch's own settings), the order alternating, with benchmarks/threads.py's worker (`net`,
+batch 100, 10,000 synthetic images, 2 epochs); prints each round's ratio and the median and
+quartiles of the paired ratios. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import threads
@@ -23,15 +23,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds: at least 2 (quartiles of the paired ratios)")
-    cores = len(os.sched_getaffinity(0))
     ratios, short, default = [], [], []
     for r in range(args.rounds):
         got = {}
-        for first in ("stages", "torch") if r % 2 == 0 else ("torch", "stages"):
-            got[first] = threads.run(1, cores, first, 10_000, 2)[0]
-        short.append(got["stages"])
-        default.append(got["torch"])
-        ratios.append(got["stages"] / got["torch"])
+        cases = {"short": threads.SHORT_SPIN, "default": threads.PIPELINE}
+        for name in ("short", "default") if r % 2 == 0 else ("default", "short"):
+            got[name] = threads.run([cases[name]], 10_000, 2)[0]
+        short.append(got["short"])
+        default.append(got["default"])
+        ratios.append(got["short"] / got["default"])
         print(f"round {r}: short {short[-1]:.0f}, default {default[-1]:.0f}, {ratios[-1]:.3f}")
     q = statistics.quantiles(ratios, n=4)
     print(
