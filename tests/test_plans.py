@@ -197,3 +197,16 @@ def test_uncommitted_params_are_refused(tmp_path, monkeypatch):
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().startswith("error (engine): params.yaml has uncommitted")
     assert "Traceback" not in result.stderr
+
+
+def test_a_searchs_path_to_compare_with_is_a_plan(tmp_path):
+    """search.path names the plan whose regularization path shares the search's regime: the
+    report shows that path's choices beside the best trial's (joint: sweep); a fine-tuning
+    search has none; a name that is no plan is one line."""
+    assert plans.load("joint").search["path"] == "sweep"
+    assert "path" not in plans.load("finetune-cpu-search").search
+    (tmp_path / "bad.yaml").write_text(
+        "search: {path: nosuch}\nspace:\n  train.lr: {log_uniform: [0.01, 0.1]}\n"
+    )
+    with pytest.raises(ParamsError, match="search.path names a plan"):
+        plans.load(tmp_path / "bad.yaml")

@@ -12,7 +12,8 @@ A plan is the `regime` every experiment starts from, the `seeds`, and one of
   space have given values; `search` holds its sampler seed, its pruner, the epochs a trial
   runs at least before it may be pruned, the seeds its best recipe is rerun with, and optionally
   a `target` ({val_accuracy, epochs}: what another way reached, and the epochs it spent) that
-  the report measures the search against.
+  the report measures the search against, and a `path` (a plan whose regularization path shares
+  the regime) whose choices the report shows beside the best trial's.
 
 `shared:` holds YAML anchors that rows or techniques merge in; `prefix:` the experiments' names
 (default: the plan's name); `report:` a study's table file under reports/ (default:
@@ -38,7 +39,7 @@ KINDS = ("rows", "techniques", "space")
 PLAN_KEYS = {"regime", "seeds", "shared", "prefix", "report", "baseline", "search", *KINDS}
 TECHNIQUE_KEYS = {"param", "values", "points", "scale", "with"}
 DISTRIBUTIONS = ("log_uniform", "uniform", "int", "categorical")
-SEARCH_KEYS = {"seed", "pruner", "min_epochs", "seeds_of_the_best", "target"}
+SEARCH_KEYS = {"seed", "pruner", "min_epochs", "seeds_of_the_best", "target", "path"}
 TARGET_KEYS = {"val_accuracy", "epochs"}  # search.target: a validation accuracy to reach, and
 # the epochs another way spent reaching it (the report says when the search got there)
 PRUNERS = ("hyperband", "halving", "none")
@@ -247,6 +248,10 @@ def _search(path: Path, search: dict) -> dict:
         raise ParamsError(
             f"{path}: search.target is {{val_accuracy: a fraction in (0, 1], epochs: a count}}, "
             f"not {target!r}"
+        )
+    if "path" in settings and settings["path"] not in names():
+        raise ParamsError(
+            f"{path}: search.path names a plan ({', '.join(names())}), not {settings['path']!r}"
         )
     return settings
 

@@ -6,8 +6,8 @@ the best recipe's rerun with other seeds (`<prefix>-t<n>-s<seed>`), and writes r
 reports/<prefix>-search-history.png, -parallel.png and -importance.png, also logged to the
 search's parent run. The best trial is chosen on validation accuracy; the test accuracy shown
 for it is the rerun's (unpruned, several seeds), read once. Beside each param's value in the
-best trial stands the strength the regularization path chose for it alone
-(reports/sweep-chosen.json), where it has one.
+best trial stands the strength a regularization path of the same regime chose for it alone
+(the plan's `search.path`: reports/<path>-chosen.json), where it names one.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from pathlib import Path
 from stages import io as sio
 from stages.errors import ParamsError
 from stages.experiments import plan as plans, reports
-
-PATH_CHOICES = Path("reports/sweep-chosen.json")  # what each technique's path chose alone
 
 
 def out_file(prefix: str, out_dir: Path = Path("reports")) -> Path:
@@ -124,12 +122,17 @@ def text(plan: plans.Plan, study, prefix: str, by_name: dict, chosen_alone: dict
         "",
         f"Validation accuracy {100 * best.value:.1f}% (the trial, seed {plan.seeds[0]}).",
         "",
-        "| param | best trial | chosen alone by its path |",
-        "|---|---|---|",
+        "| param | best trial | chosen alone by its path |"
+        if chosen_alone is not None
+        else "| param | best trial |",
+        "|---|---|---|" if chosen_alone is not None else "|---|---|",
     ]
     for param, value in best.params.items():
-        alone = chosen_alone.get(param, "—")
-        lines.append(f"| `{param}` | {_show(value)} | {_show(alone)} |")
+        if chosen_alone is None:
+            lines.append(f"| `{param}` | {_show(value)} |")
+        else:
+            alone = chosen_alone.get(param, "—")
+            lines.append(f"| `{param}` | {_show(value)} | {_show(alone)} |")
     rerun = rerun_of_best(plan, by_name, prefix, best)
     lines += ["", "## Its recipe rerun (unpruned)", ""]
     if rerun:
@@ -244,11 +247,12 @@ def build(
     del best
     client, experiment_id, _, _ = reports.open_experiment(tracking_uri, experiment)
     by_name = reports.finished_runs(client, experiment_id, prefix) if experiment_id else {}
-    chosen_alone = {}
-    if PATH_CHOICES.exists():
+    chosen_alone = None  # the search's own regime has no path to compare with
+    path_choices = Path("reports") / f"{plan.search.get('path')}-chosen.json"
+    if plan.search.get("path") and path_choices.exists():
         chosen_alone = {
             c["param"]: "none (the baseline)" if c["baseline"] else c["value"]
-            for c in json.loads(PATH_CHOICES.read_text()).values()
+            for c in json.loads(path_choices.read_text()).values()
         }
     report = out_file(prefix, out_dir)
     table = text(plan, study, prefix, by_name, chosen_alone)
