@@ -103,9 +103,10 @@ def rerun_of_best(plan: plans.Plan, by_name: dict, prefix: str, best) -> dict[in
     return found
 
 
-def text(plan: plans.Plan, study, prefix: str, by_name: dict, chosen_alone: dict) -> str:
+def text(plan: plans.Plan, study, prefix: str, by_name: dict, chosen_alone: dict | None) -> str:
     counts = summary(study)
     best = study.best_trial
+    compare = chosen_alone is not None  # a path of the same regime, named by the plan
     lines = [
         f"# {prefix}: a joint search (plan {plan.name})",
         "",
@@ -122,17 +123,12 @@ def text(plan: plans.Plan, study, prefix: str, by_name: dict, chosen_alone: dict
         "",
         f"Validation accuracy {100 * best.value:.1f}% (the trial, seed {plan.seeds[0]}).",
         "",
-        "| param | best trial | chosen alone by its path |"
-        if chosen_alone is not None
-        else "| param | best trial |",
-        "|---|---|---|" if chosen_alone is not None else "|---|---|",
+        "| param | best trial |" + (" chosen alone by its path |" if compare else ""),
+        "|---|---|" + ("---|" if compare else ""),
     ]
     for param, value in best.params.items():
-        if chosen_alone is None:
-            lines.append(f"| `{param}` | {_show(value)} |")
-        else:
-            alone = chosen_alone.get(param, "—")
-            lines.append(f"| `{param}` | {_show(value)} | {_show(alone)} |")
+        alone = f" {_show(chosen_alone.get(param, '—'))} |" if compare else ""
+        lines.append(f"| `{param}` | {_show(value)} |{alone}")
     rerun = rerun_of_best(plan, by_name, prefix, best)
     lines += ["", "## Its recipe rerun (unpruned)", ""]
     if rerun:
