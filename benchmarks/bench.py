@@ -275,7 +275,7 @@ def time_lite0(images, labels, sizes=LITE0_SIZES) -> dict:
     return rows
 
 
-PARTIAL_DEPTHS = (1, 2, 4)  # model.freeze = all_but_last_<N>: the last N blocks train
+PARTIAL_DEPTHS = (1, 2, 4, 6)  # model.freeze = all_but_last_<N>: the last N blocks train
 
 
 def time_partial(images, labels, size: int = 224) -> dict:

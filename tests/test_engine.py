@@ -506,6 +506,21 @@ def test_a_storage_that_cannot_be_reached_or_holds_another_space_is_one_line(tmp
         assert str(err.value).startswith(f"--storage {url}: ") and "\n" not in str(err.value)
 
 
+def test_a_new_study_tries_the_plans_first_point_before_drawing(tmp_path):
+    """search.first (finetune-cpu-search-5k starts from the 1,000-label search's best): the new
+    study's first trial has those params and draws the rest; a study that goes on doesn't
+    queue it again."""
+    plan = plans.load("finetune-cpu-search-5k")
+    first = plan.search["first"]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = engine.open_study(plan, "s", storage)
+    point = engine.sample(study.ask(), plan.space)
+    assert {k: point[k] for k in first} == first
+    assert set(point) == {d.param for d in plan.space}  # the others drawn
+    again = engine.open_study(plan, "s", storage)
+    assert engine.sample(again.ask(), plan.space) != point  # drawn, not the first point again
+
+
 def test_a_pruned_trial_stops_training_and_is_recorded_as_pruned(prepared, monkeypatch):
     """The train stage on tiny data, as a search's trial whose pruner (successive halving)
     has seen better trials at the first rung: it stops after that epoch, writes its outputs

@@ -210,3 +210,23 @@ def test_a_searchs_path_to_compare_with_is_a_plan(tmp_path):
     )
     with pytest.raises(ParamsError, match="search.path names a plan"):
         plans.load(tmp_path / "bad.yaml")
+
+
+def test_a_searchs_first_point_lies_in_its_space(tmp_path):
+    """search.first: params of the space, each inside its distribution; anything else is one
+    line naming the param."""
+    space = "space:\n  train.lr: {log_uniform: [0.01, 0.1]}\n  model.freeze: {categorical: [none, backbone]}\n"
+    cases = {
+        "{first: {train.lr: 0.05, model.freeze: backbone}}": None,
+        "{first: {train.lr: 0.5}}": "train.lr = 0.5 is outside its log_uniform",
+        "{first: {model.freeze: head}}": "model.freeze = 'head' is outside its categorical",
+        "{first: {train.epochs: 3}}": "'train.epochs' is not in the space",
+        "{first: 3}": "search.first maps params of the space to values",
+    }
+    for search, error in cases.items():
+        (tmp_path / "s.yaml").write_text(f"search: {search}\n{space}")
+        if error is None:
+            assert plans.load(tmp_path / "s.yaml").search["first"]["train.lr"] == 0.05
+        else:
+            with pytest.raises(ParamsError, match=error):
+                plans.load(tmp_path / "s.yaml")

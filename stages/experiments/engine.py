@@ -271,6 +271,8 @@ def open_study(plan: plans.Plan, prefix: str, storage: str, extra: dict | None =
     if known is None:
         study.set_user_attr("space", space_key(plan))
         study.set_user_attr("plan", plan.name)
+        if plan.search.get("first"):  # tried before anything is drawn (its other params drawn)
+            study.enqueue_trial(plan.search["first"])
     elif known != space_key(plan):
         raise ParamsError(
             f"the study {prefix!r} in {storage} was made with another space "

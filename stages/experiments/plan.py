@@ -12,8 +12,10 @@ A plan is the `regime` every experiment starts from, the `seeds`, and one of
   space have given values; `search` holds its sampler seed, its pruner, the epochs a trial
   runs at least before it may be pruned, the seeds its best recipe is rerun with, and optionally
   a `target` ({val_accuracy, epochs}: what another way reached, and the epochs it spent) that
-  the report measures the search against, and a `path` (a plan whose regularization path shares
-  the regime) whose choices the report shows beside the best trial's.
+  the report measures the search against, a `path` (a plan whose regularization path shares
+  the regime) whose choices the report shows beside the best trial's, and a `first` point
+  ({param of the space: value}; the rest drawn) that a new study tries before it draws any:
+  what a smaller study found, say, so that a short search starts from it.
 
 `shared:` holds YAML anchors that rows or techniques merge in; `prefix:` the experiments' names
 (default: the plan's name); `report:` a study's table file under reports/ (default:
@@ -39,7 +41,7 @@ KINDS = ("rows", "techniques", "space")
 PLAN_KEYS = {"regime", "seeds", "shared", "prefix", "report", "baseline", "search", *KINDS}
 TECHNIQUE_KEYS = {"param", "values", "points", "scale", "with"}
 DISTRIBUTIONS = ("log_uniform", "uniform", "int", "categorical")
-SEARCH_KEYS = {"seed", "pruner", "min_epochs", "seeds_of_the_best", "target", "path"}
+SEARCH_KEYS = {"seed", "pruner", "min_epochs", "seeds_of_the_best", "target", "path", "first"}
 TARGET_KEYS = {"val_accuracy", "epochs"}  # search.target: a validation accuracy to reach, and
 # the epochs another way spent reaching it (the report says when the search got there)
 PRUNERS = ("hyperband", "halving", "none")
@@ -152,11 +154,14 @@ def load(name: str | Path, base: dict | None = None) -> Plan:
     else:
         space = _space(path, data["space"])
         search = _search(path, data.get("search") or {})
+        _first_point(path, space, search.get("first"))
         plan = Plan(path.stem, kind, prefix, regime, seeds, {}, space=space, search=search)
     for row, changes in plan.rows.items():
         check(base, {**regime, **changes}, f"{path}: row {row!r}")
     for changes in corners(plan.space):
         check(base, {**regime, **changes}, f"{path}: space")
+    if plan.search.get("first"):
+        check(base, {**regime, **plan.search["first"]}, f"{path}: search.first")
     return plan
 
 
@@ -254,6 +259,29 @@ def _search(path: Path, search: dict) -> dict:
             f"{path}: search.path names a plan ({', '.join(names())}), not {settings['path']!r}"
         )
     return settings
+
+
+def _first_point(path: Path, space: tuple[Dimension, ...], first) -> None:
+    """search.first: params of the space, each inside its distribution."""
+    if first is None:
+        return
+    where = f"{path}: search.first"
+    if not isinstance(first, dict) or not first:
+        raise ParamsError(f"{where} maps params of the space to values, not {first!r}")
+    dims = {d.param: d for d in space}
+    for param, value in first.items():
+        d = dims.get(param)
+        if d is None:
+            raise ParamsError(f"{where}: {param!r} is not in the space ({', '.join(dims)})")
+        if d.kind == "categorical":
+            inside = value in d.args
+        else:
+            inside = _number(value) and d.args[0] <= value <= d.args[1]
+            inside = inside and (d.kind != "int" or isinstance(value, int))
+        if not inside:
+            raise ParamsError(
+                f"{where}: {param} = {value!r} is outside its {d.kind} {list(d.args)}"
+            )
 
 
 def corners(space: tuple[Dimension, ...]) -> list[dict]:
