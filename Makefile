@@ -83,7 +83,7 @@ mlflow-server: install
 
 # Epoch speed: the source's loop vs the pipeline vs pure compute (reports/benchmark.{json,md}),
 # EfficientNet-Lite0 at 64-224 px, the cached linear probe and partial fine-tuning of its last
-# 1, 2, 4 blocks at 224 px on the cache (reports/benchmark_lite0.{json,md}),
+# 1, 2, 4, 6 blocks at 224 px on the cache (reports/benchmark_lite0.{json,md}),
 # then the cost around each `dvc exp run` and the queue's throughput with 1 and 2 workers
 # (benchmarks/overhead.py: reports/overhead.{json,md}; about 15 minutes), on the bundled CIFAR-10
 # unless BENCH_DATA (a data.source) and BENCH_SHA256 (its data.sha256) say otherwise.

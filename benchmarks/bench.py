@@ -22,7 +22,7 @@ times EfficientNet-Lite0 instead, at 64, 128 and 224 pixels (model.input_size), 
 (train_one_epoch) and evaluation (predict.predict) against the same network's limit on pre-made
 batches at that size; then the linear probe at 224 pixels, one head-only epoch recomputing the
 frozen backbone against one on its cached outputs (train.feature_cache); then partial
-fine-tuning at 224 pixels (the last 1, 2, 4 blocks train): the prefix's one-time pass, an epoch
+fine-tuning at 224 pixels (the last 1, 2, 4, 6 blocks train): the prefix's one-time pass, an epoch
 on the cache and one recomputing the prefix, and the cache's size.
 
 Data: data/raw/ when a pipeline run left it, else the bundled datasets/cifar10-jpg.tar.gz, else a
