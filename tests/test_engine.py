@@ -739,6 +739,28 @@ def test_workers_sharing_a_storage_take_every_point_once(tmp_path, monkeypatch, 
     assert engine.take_points(todo, "p", args) == [] and len(ran) == len(todo)  # nothing left
 
 
+def test_a_point_taken_is_seen_even_when_it_became_visible_late(tmp_path):
+    """On a database server two workers' trials can commit out of order: a worker that has
+    already seen a higher-numbered trial finish has Optuna's cache skip every lower one from
+    then on. The points taken are read from the database itself, so such a point is still
+    seen as taken (the cause of a point run twice under load)."""
+    import optuna
+
+    storage = engine.storage_for(f"sqlite:///{tmp_path / 'optuna.db'}")
+    mine = optuna.create_study(study_name="g", storage=storage)
+    study_id = storage.get_study_id_from_name("g")
+    experiment = optuna.distributions.CategoricalDistribution(["a", "b"])
+    late = mine.ask({"experiment": experiment})  # the other worker's point, committed late:
+    mine.get_trials(deepcopy=False)
+    cache = mine._storage._studies[study_id]  # this worker's cache has already gone past it
+    cache.unfinished_trial_ids.discard(late._trial_id)
+    cache.trials.pop(late.number)
+    cache.last_finished_trial_id = late._trial_id
+    point = late.params["experiment"]
+    assert point not in {t.params.get("experiment") for t in mine.get_trials()}  # the cache's view
+    assert engine.points_taken(storage, study_id) == {point: late.number}
+
+
 def test_a_search_that_draws_its_epochs_prunes_within_the_most_it_may_draw(tmp_path):
     """The pruner's budget is train.epochs: of the regime, or the largest the space may draw
     (finetune-cpu-search draws it); a search with neither is one line."""

@@ -142,16 +142,10 @@ def take_points(todo: list[tuple[str, dict]], prefix: str, args) -> list[str]:
         load_if_exists=True,
     )
 
+    study_id = storage.get_study_id_from_name(study.study_name)
+
     def taken() -> dict[str, int]:
-        """{name: trial number} of the points running, done, or failed in their experiment."""
-        found = {}
-        for t in study.get_trials(deepcopy=False):
-            ran = t.state in (TrialState.RUNNING, TrialState.COMPLETE) or (
-                t.state == TrialState.FAIL and t.user_attrs.get("experiment_failed")
-            )
-            if ran and "experiment" in t.params:
-                found.setdefault(t.params["experiment"], t.number)
-        return found
+        return points_taken(storage, study_id)
 
     failed = []
     print(
@@ -185,6 +179,25 @@ def take_points(todo: list[tuple[str, dict]], prefix: str, args) -> list[str]:
             else:
                 study.tell(trial, 0.0)  # done: the report reads the results from MLflow
         failed += failed_now
+
+
+def points_taken(storage, study_id: int) -> dict[str, int]:
+    """{name: trial number} of a grid's points running, done, or failed in their experiment.
+    Read from the database itself, not through the study's cache: Optuna's cache rereads only the
+    trials above the highest finished one it has seen, and on a database server a trial can
+    become visible after a higher-numbered one has finished (two workers taking points at once on
+    a loaded machine commit in either order); the cache would never see it, and its point would
+    run twice."""
+    from optuna.trial import TrialState
+
+    found = {}
+    for t in storage.get_all_trials(study_id, deepcopy=False):
+        ran = t.state in (TrialState.RUNNING, TrialState.COMPLETE) or (
+            t.state == TrialState.FAIL and t.user_attrs.get("experiment_failed")
+        )
+        if ran and "experiment" in t.params:
+            found.setdefault(t.params["experiment"], t.number)
+    return found
 
 
 # --- a search --------------------------------------------------------------------------------
