@@ -349,3 +349,15 @@ def test_the_command_line_refuses_an_unknown_plan_in_one_line(monkeypatch):
         engine.main()
     assert str(exit_.value).startswith("error (engine): no plan 'nope' (known: ")
     assert "\n" not in str(exit_.value)
+
+
+def test_a_pass_run_with_more_seeds_than_its_plan_reports_them_all(tmp_path, mlflow_store):
+    # `engine run --seeds 0,1,2` on a plan of seed 0: its report holds every seed it ran.
+    grid = l2_sweep(tmp_path, mlflow_store)
+    techniques = yaml.safe_load(open(grid))["techniques"]
+    plan = plans.load(write_grid(tmp_path, seeds=[0], techniques=techniques))
+    out = tmp_path / "reports"
+    one = path.build(plan, "sw", out, mlflow_store[0], "overfitting").read_text()
+    assert row(one, "baseline (none)")[1] == "1"
+    every = path.build(plan, "sw", out, mlflow_store[0], "overfitting", force=True, seeds=[1, 2])
+    assert row(every.read_text(), "baseline (none)")[1] == "3"

@@ -460,7 +460,7 @@ def report(plan: plans.Plan, prefix: str, args) -> bool:
             written = table.build(plan, prefix, seeds=args.seeds, **where)
             print(written.read_text())
         elif plan.kind == "techniques":
-            written = path.build(plan, prefix, **where)
+            written = path.build(plan, prefix, seeds=args.seeds, **where)
         else:
             written = search.build(plan, prefix, args.storage, **where)
     except errors as exc:

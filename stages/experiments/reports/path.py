@@ -30,9 +30,10 @@ How to read the report, and its limits: docs/paths.md.
 
 from __future__ import annotations
 
+
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -461,9 +462,12 @@ def build(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     force: bool = False,
+    seeds=None,
 ) -> Path:
     """Figures, table and chosen.json of a path, logged to its MLflow parent run; returns the
-    table's path. `experiment` and `tracking_uri` default to params.yaml's (mlflow section)."""
+    table's path. The runs of every seed of the plan, and `seeds` (a pass run with `--seeds`).
+    `experiment` and `tracking_uri` default to params.yaml's (mlflow section)."""
+    plan = replace(plan, seeds=tuple(sorted(set(plan.seeds) | set(seeds or ()))))
     client, experiment_id, experiment, tracking_uri = reports.open_experiment(
         tracking_uri, experiment
     )
