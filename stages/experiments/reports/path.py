@@ -30,7 +30,6 @@ How to read the report, and its limits: docs/paths.md.
 
 from __future__ import annotations
 
-
 import math
 import statistics
 from dataclasses import dataclass, replace
