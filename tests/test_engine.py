@@ -739,6 +739,37 @@ def test_workers_sharing_a_storage_take_every_point_once(tmp_path, monkeypatch, 
     assert engine.take_points(todo, "p", args) == [] and len(ran) == len(todo)  # nothing left
 
 
+def test_a_worker_that_loses_the_race_to_make_a_new_storage_waits_for_the_winner(
+    tmp_path, monkeypatch
+):
+    """Workers started together on a storage nobody has used all make its tables; the losers
+    fail on "already exists" for as long as the winner is still making them (a few tables, one
+    after another). A loser waits and looks again rather than dying: a worker that died this
+    way left its share to the others in CI."""
+    import time
+
+    import optuna
+    import sqlalchemy
+
+    real, tries = optuna.storages.RDBStorage, []
+    winner_done = time.monotonic() + 0.3  # seconds the winner takes over its tables
+
+    def racing(url, **kwargs):
+        tries.append(time.monotonic())
+        if time.monotonic() < winner_done:
+            raise sqlalchemy.exc.OperationalError(
+                "CREATE TABLE trials", {}, Exception("table trials already exists")
+            )
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = engine.storage_for(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert storage.get_all_studies() == [] and len(tries) >= 2
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # any other error is the user's to see, at once
+        engine.storage_for(f"sqlite:///{tmp_path / 'other.db'}")
+
+
 def test_a_point_taken_is_seen_even_when_it_became_visible_late(tmp_path):
     """On a database server two workers' trials can commit out of order: a worker that has
     already seen a higher-numbered trial finish has Optuna's cache skip every lower one from

@@ -49,9 +49,11 @@ import argparse
 import fcntl
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -224,7 +226,11 @@ def storage_for(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE
     # warnings say nothing a user can act on.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-    for attempt in range(3):  # two workers making a new storage's tables at once: one loses
+    # Workers starting at once on a new storage all make its tables (and its version row): the
+    # losers fail on "already exists". One that tried again at once would race the winner on its
+    # next table, so a loser waits a moment, by a random amount so that losers don't meet again.
+    attempts = 20
+    for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(
                 url,
@@ -235,8 +241,12 @@ def storage_for(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE
                 ),
             )
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
-            if not ("already exists" in str(exc) or "UNIQUE" in str(exc)) or attempt == 2:
+            lost_a_race = any(
+                words in str(exc) for words in ("already exists", "UNIQUE", "duplicate key")
+            )
+            if not lost_a_race or attempt == attempts - 1:
                 raise
+            time.sleep(random.uniform(0.05, 0.5))  # seconds
 
 
 @contextmanager
