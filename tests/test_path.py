@@ -167,6 +167,25 @@ def test_when_the_baseline_wins_on_validation_the_report_says_so(tmp_path, mlflo
     assert chosen["baseline"] is True and chosen["value"] == 0.0 and chosen["changes"] == {}
 
 
+def test_a_path_around_a_tuned_recipe_names_the_regimes_strength_as_its_baseline(
+    tmp_path, mlflow_store
+):
+    """A path whose regime already sets the technique's param (a searched recipe, say): its
+    baseline is that strength, not "none", and a baseline chosen on validation says so."""
+    worse = {
+        row: [(tr, va - (0.1 if row != "baseline" else 0), te) for tr, va, te in per_seed]
+        for row, per_seed in RUNS.items()
+    }
+    grid = l2_sweep(tmp_path, mlflow_store, runs=worse)
+    spec = yaml.safe_load(open(grid))
+    spec["regime"]["train.l2"] = 1e-5
+    open(grid, "w").write(yaml.safe_dump(spec, sort_keys=False))
+    text = build(tmp_path, mlflow_store, grid).read_text()
+    assert row(text, "**baseline (1e-05) ✓**")[0] == "**baseline (1e-05) ✓**"
+    assert "baseline (none)" not in text
+    assert "none of these strengths beats the regime's train.l2 = 1e-05 on validation" in text
+
+
 def test_the_report_shows_only_the_techniques_that_ran(tmp_path, mlflow_store):
     """Issue 28: a quick pass of two techniques listed the ten others as 'No finished runs'."""
     l2_sweep(tmp_path, mlflow_store)

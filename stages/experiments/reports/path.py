@@ -242,6 +242,14 @@ def shown(point: Point, t: Technique) -> str:
     return f"{point.x:g}" if math.isfinite(point.x) else point.label
 
 
+def baseline_label(plan: plans.Plan, t: Technique) -> str:
+    """The baseline row of a technique: `none`, or the regime's own strength when the regime
+    sets the param (a path around a tuned recipe: its points go up and down from there)."""
+    if t.param in plan.regime:
+        return f"baseline ({plans.label(plan.regime[t.param])})"
+    return "baseline (none)"
+
+
 def row_verdict(is_reference: bool, ref: Point | None, dtest: Difference | None) -> str:
     if is_reference:
         return "reference"
@@ -278,7 +286,7 @@ def table(plan: plans.Plan, prefix: str, baseline: Point | None, paths: dict, ch
         reference_path = None if plan.baseline else plan.techniques[0]
         for point in rows:
             is_baseline = point is baseline
-            name = "baseline (none)" if is_baseline else shown(point, t)
+            name = baseline_label(plan, t) if is_baseline else shown(point, t)
             ref = None if is_baseline else reference_for(point, plan, baseline, paths)
             dtest, dgap = (
                 (paired(point, ref, "test"), paired(point, ref, "gap")) if ref else (None, None)
@@ -301,8 +309,13 @@ def table(plan: plans.Plan, prefix: str, baseline: Point | None, paths: dict, ch
             continue
         if best is baseline:
             lines.append(
-                "Chosen on validation: none of these strengths beats no regularization on "
-                f"validation (baseline: validation {best.mean('validation'):.1f}%, "
+                "Chosen on validation: none of these strengths beats "
+                + (
+                    f"the regime's {t.param} = {plans.label(plan.regime[t.param])}"
+                    if t.param in plan.regime
+                    else "no regularization"
+                )
+                + f" on validation (baseline: validation {best.mean('validation'):.1f}%, "
                 f"test {best.mean('test'):.1f}%)."
             )
         else:
