@@ -56,6 +56,36 @@ def test_a_committed_report_is_not_replaced_by_less_unless_forced(tmp_path):
     reports.check_not_less(tmp_path / "reports/quick.md", one_row)  # not committed: fine
 
 
+def test_a_committed_path_is_not_replaced_by_one_that_lost_points_even_with_more_rows(tmp_path):
+    """A pass over other techniques, reported from a store that lacks the committed points (made
+    on another machine, say): more rows in all, but the committed points gone. Refused, unless
+    forced; a report with every committed row and more is written."""
+    path = """# p: the regularization path
+
+## l2 (`train.l2`)
+
+| strength | seeds |
+|---|---|
+| baseline (none) | 1 |
+| **0.001 ✓** | 1 |
+
+Built from 2 finished runs.
+"""
+    (tmp_path / "reports").mkdir()
+    report = tmp_path / "reports/p-path.md"
+    report.write_text(path)
+    commit_all(tmp_path)
+    other = path.replace("## l2 (`train.l2`)", "## dropout (`model.dropout`)").replace(
+        "| **0.001 ✓** | 1 |", "| 0.1 | 1 |\n| **0.3 ✓** | 1 |"
+    )
+    assert reports.table_rows(other) > reports.table_rows(path)
+    with pytest.raises(reports.Refused, match="no row 'l2: baseline \\(none\\)' and 1 more"):
+        reports.check_not_less(report, other.replace("2 finished", "3 finished"), keyed=True)
+    reports.check_not_less(report, other, keyed=True, force=True)
+    rechosen = path.replace("| **0.001 ✓** | 1 |", "| 0.001 | 1 |\n| **0.01 ✓** | 1 |")
+    reports.check_not_less(report, rechosen, keyed=True)  # every point kept, the choice moved
+
+
 def test_a_table_from_an_empty_store_leaves_the_committed_file_as_it_was(
     tmp_path, monkeypatch, capsys
 ):

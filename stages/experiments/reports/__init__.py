@@ -79,6 +79,23 @@ def table_rows(text: str) -> int:
     return rows
 
 
+def row_keys(text: str) -> list[str]:
+    """Each data row of a Markdown text's tables as `section: first cell` (the section its
+    nearest heading; bold and the ✓ of a choice left out), in order."""
+    lines = [line.strip() for line in text.splitlines()]
+    keys, section = [], ""
+    for i, line in enumerate(lines):
+        if line.startswith("#"):
+            section = line.lstrip("# ").split(" (")[0]
+        if not line.startswith("|") or set(line) <= set("|-: "):
+            continue
+        if i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            continue  # a header
+        first = line.strip("|").split("|")[0].replace("**", "").replace("✓", "").strip()
+        keys.append(f"{section}: {first}" if section else first)
+    return keys
+
+
 def runs_in(text: str) -> int | None:
     """The number of runs a report says it was built from (None when it doesn't say)."""
     found = _RUNS.search(text)
@@ -100,14 +117,20 @@ def committed(path: Path) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def less_than_committed(path: Path, text: str) -> str | None:
-    """Why `text` holds less than the committed `path` (None when it holds as much or more)."""
+def less_than_committed(path: Path, text: str, keyed: bool = False) -> str | None:
+    """Why `text` holds less than the committed `path` (None when it holds as much or more).
+    `keyed`: every row is a point or a study's row, which must stay (more rows of other points
+    don't make up for one lost)."""
     old = committed(path)
     if old is None:
         return None
     old_rows, new_rows = table_rows(old), table_rows(text)
     if new_rows < old_rows:
         return f"{new_rows} table rows where the committed file has {old_rows}"
+    lost = [key for key in row_keys(old) if key not in set(row_keys(text))] if keyed else []
+    if lost:
+        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+        return f"no row {lost[0]!r}{more} of the committed file"
     old_runs, new_runs = runs_in(old), runs_in(text)
     if old_runs is not None and new_runs is not None and new_runs < old_runs:
         return f"{new_runs} runs where the committed file has {old_runs}"
@@ -118,13 +141,14 @@ class Refused(ParamsError):
     """A report not written, in one line saying why."""
 
 
-def check_not_less(report: Path, text: str, force: bool = False) -> None:
-    """Refuse (one line) to replace a committed report with one that holds less."""
-    why = None if force else less_than_committed(report, text)
+def check_not_less(report: Path, text: str, force: bool = False, keyed: bool = False) -> None:
+    """Refuse (one line) to replace a committed report with one that holds less (`keyed`: see
+    less_than_committed)."""
+    why = None if force else less_than_committed(report, text, keyed)
     if why:
         raise Refused(
             f"not overwriting {report}: the new report has {why} (--force replaces it; "
-            "--prefix writes a pass's report under names of its own)"
+            "--out DIR writes it elsewhere, --prefix a pass's report under names of its own)"
         )
 
 

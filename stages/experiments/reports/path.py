@@ -454,7 +454,7 @@ def write_report(plan: plans.Plan, by_name: dict, prefix: str, out_dir: Path, fo
     out_dir = Path(out_dir)
     report = out_dir / f"{prefix}-path.md"
     text = table(plan, prefix, baseline, paths, chosen)
-    reports.check_not_less(report, text, force)
+    reports.check_not_less(report, text, force, keyed=True)
     files = []
     for t in plan.techniques:
         if paths[t.name]:

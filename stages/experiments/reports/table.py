@@ -112,7 +112,7 @@ def build(
             f"{experiment!r} of {tracking_uri}: nothing written"
         )
     out, table = out_file(plan, prefix, out_dir), text(plan, by_row)
-    reports.check_not_less(out, table, force)
+    reports.check_not_less(out, table, force, keyed=True)
     sio.write_text(out, table)
     children = [run for runs in by_row.values() for run in runs]
     reports.log_to_parent(client, experiment_id, prefix, plan.name, [out], children)
