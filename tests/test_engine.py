@@ -52,7 +52,7 @@ def test_experiments_are_queued_in_order_then_the_new_tasks_waited_for(monkeypat
     statuses = iter([QUEUE, QUEUE + "e5f0a1b  p-tiny-dropout-s5  02:40 AM   Queued\n"])
     monkeypatch.setattr(dvcqueue, "queue_status", lambda: next(statuses))
     waited = []
-    monkeypatch.setattr(dvcqueue, "wait", lambda ours, tool: waited.append(ours) or [])
+    monkeypatch.setattr(dvcqueue, "wait", lambda ours, tool, jobs: waited.append(ours) or [])
     assert dvcqueue.run(todo, 2, "engine") == []
     assert queued == [
         ["dvc", "exp", "run", "--queue", "-n", "p-tiny-dropout-s5"]
@@ -161,6 +161,29 @@ def test_the_wait_prints_a_line_per_ended_experiment_and_returns_the_failed(monk
         "sweep: [2/2] p-b-s0 FAILED: error (download): bad sha256",
     ]
     assert dvcqueue.pending(STATUS.format(a="Running", b="Queued")) == 2
+
+
+def test_the_wait_starts_workers_again_when_ours_are_queued_and_workers_left(monkeypatch):
+    """Seen here: a queue worker died between two tasks (DVC's broker race, JSONDecodeError) and
+    the pass's other experiments waited for the one worker left. While some of ours are queued
+    and fewer than `jobs` workers are left, the wait starts them again; not once nothing of ours
+    is queued."""
+    listings = iter(
+        [
+            STATUS.format(a="Running", b="Queued"),  # one worker of two, b waiting: start
+            STATUS.format(a="Running", b="Running").replace("1 active", "2 active"),
+            STATUS.format(a="Success", b="Running"),  # one left, nothing queued: fine
+            STATUS.format(a="Success", b="Success"),
+        ]
+    )
+    monkeypatch.setattr(dvcqueue, "queue_status", lambda: next(listings))
+    monkeypatch.setattr(dvcqueue, "result_line", lambda name: "test accuracy 41.0%, 1.5 min")
+    started = []
+    monkeypatch.setattr(dvcqueue, "start_workers", started.append)
+    ours = {"c62c203": "p-a-s0", "4fb4e8a": "p-b-s0"}
+    assert dvcqueue.wait(ours, "engine", poll_seconds=0, jobs=2) == []
+    assert started == [2]
+    assert dvcqueue.workers(STATUS) == 1 and dvcqueue.workers("no listing") == 0
 
 
 def test_the_wait_looks_again_as_soon_as_a_task_ends(tmp_path, monkeypatch, capsys):

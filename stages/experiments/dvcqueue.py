@@ -10,6 +10,7 @@ non-zero.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ def run(experiments: list[tuple[str, dict]], jobs: int, tool: str) -> list[str]:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     ours = {task: name for task, (name, _) in tasks(queue_status()).items() if task not in before}
     start_workers(jobs)
-    failed = wait(ours, tool)
+    failed = wait(ours, tool, jobs=jobs)
     report_dead_workers(tool)
     return failed
 
@@ -92,16 +93,25 @@ def pending(status: str) -> int:
     return sum(1 for _, state in tasks(status).values() if state not in ENDED)
 
 
-def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10) -> list[str]:
+def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10, jobs: int = 0) -> list[str]:
     """Until every task in `ours` ({task id: name}) has ended, printing a line for each as it
     ends; the names of those that failed. `dvc queue status` every `poll_seconds`, or sooner
-    when a task ends."""
+    when a task ends. With `jobs`, workers are started again while some of ours are queued and
+    fewer than `jobs` workers are left (keep_workers)."""
     left, failed, missing = dict(ours), [], {}
     seen = ended_tasks()
     while left:
         sleep_until_a_task_ends(poll_seconds, seen)
         seen = ended_tasks()  # before the listing: a task ending during it wakes the next sleep
-        now, listed_at = tasks(queue_status()), time.monotonic()
+        status = queue_status()
+        now, listed_at = tasks(status), time.monotonic()
+        if jobs:
+            keep_workers(
+                status,
+                [task for task in left if now.get(task, ("", ""))[1] == "Queued"],
+                jobs,
+                tool,
+            )
         for task, name in list(left.items()):
             if task in now:
                 missing.pop(task, None)
@@ -125,6 +135,25 @@ def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10) -> list[str]
             else:
                 print(f"{tool}: [{done}/{len(ours)}] {name}: {result_line(name)}", flush=True)
     return failed
+
+
+WORKER_STATUS = re.compile(r"Worker status: (\d+) active, (\d+) idle")
+
+
+def workers(status: str) -> int:
+    """The queue's workers, active and idle, as `dvc queue status` counts them."""
+    found = WORKER_STATUS.search(status)
+    return int(found.group(1)) + int(found.group(2)) if found else 0
+
+
+def keep_workers(status: str, queued: list[str], jobs: int, tool: str) -> None:
+    """Start workers again when some of our tasks wait and fewer than `jobs` workers are left: a
+    worker can die between two tasks on the same broker race as at its start (report_dead_workers;
+    seen after an experiment ended), and the rest of the pass then ran on one worker of two."""
+    have = workers(status)
+    if queued and have < jobs:
+        print(f"{tool}: {have} of {jobs} queue workers left, {len(queued)} queued: starting more")
+        start_workers(jobs)
 
 
 def sleep_until_a_task_ends(seconds: float, seen: set[str], glance_seconds: float = 0.5) -> None:
@@ -182,8 +211,9 @@ def first_error(name: str) -> str:
 def report_dead_workers(tool: str) -> None:
     """Workers that start together can race on the file-based message broker of DVC's queue
     (kombu's filesystem transport): one reads an exchange file while the other writes it, and
-    dies at start with JSONDecodeError (treeverse/dvc-task#73). The queue still completes on the
-    other workers, only less in parallel. (Starting them one by one doesn't help: a second
+    dies with JSONDecodeError (treeverse/dvc-task#73), at its start or between two tasks. The
+    queue still completes on the other workers, and the wait starts workers again while tasks of
+    the pass are queued (keep_workers). (Starting them one by one doesn't help: a second
     `dvc queue start` doesn't see a busy worker, and starts another worker 1 or waits for it.)"""
     for n in workers_that_died_starting():
         print(
