@@ -180,8 +180,13 @@ def test_the_wait_starts_workers_again_when_ours_are_queued_and_workers_left(mon
     monkeypatch.setattr(dvcqueue, "result_line", lambda name: "test accuracy 41.0%, 1.5 min")
     started = []
     monkeypatch.setattr(dvcqueue, "start_workers", started.append)
+    monkeypatch.setattr(dvcqueue, "workers_that_died_starting", lambda: [2])
     ours = {"c62c203": "p-a-s0", "4fb4e8a": "p-b-s0"}
     assert dvcqueue.wait(ours, "engine", poll_seconds=0, jobs=2) == []
+    assert started == [2]
+    # a worker not listed yet (still starting), none dead: left alone
+    monkeypatch.setattr(dvcqueue, "workers_that_died_starting", lambda: [])
+    dvcqueue.keep_workers(STATUS.format(a="Running", b="Queued"), ["4fb4e8a"], 2, "engine")
     assert started == [2]
     assert dvcqueue.workers(STATUS) == 1 and dvcqueue.workers("no listing") == 0
 

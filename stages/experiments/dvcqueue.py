@@ -147,12 +147,18 @@ def workers(status: str) -> int:
 
 
 def keep_workers(status: str, queued: list[str], jobs: int, tool: str) -> None:
-    """Start workers again when some of our tasks wait and fewer than `jobs` workers are left: a
-    worker can die between two tasks on the same broker race as at its start (report_dead_workers;
-    seen after an experiment ended), and the rest of the pass then ran on one worker of two."""
-    have = workers(status)
-    if queued and have < jobs:
-        print(f"{tool}: {have} of {jobs} queue workers left, {len(queued)} queued: starting more")
+    """Start workers again when some of our tasks wait, fewer than `jobs` workers are left and a
+    worker's log says it died: a worker can die between two tasks on the same broker race as at
+    its start (report_dead_workers; seen after an experiment ended), and the rest of the pass
+    then ran on one worker of two. Only then: a worker still starting is not listed yet, and a
+    second `dvc queue start` beside it would start a second worker of the same number."""
+    have, died = workers(status), workers_that_died_starting()
+    if queued and have < jobs and died:
+        print(
+            f"{tool}: DVC queue worker {', '.join(map(str, died))} died (treeverse/dvc-task#73) "
+            f"with {len(queued)} experiments queued: starting workers again",
+            flush=True,
+        )
         start_workers(jobs)
 
 
