@@ -361,9 +361,11 @@ def figure(
     best: Point,
     out: Path,
     reference: tuple[str, list[Point]] | None = None,
+    baseline_name: str | None = None,
 ):
-    """Train, test and gap against the strength, mean ± std over seeds, the baseline dashed; in
-    a learning curve, the reference recipe's (name, points) test accuracy in grey."""
+    """Train, test and gap against the strength, mean ± std over seeds, the baseline dashed
+    (`baseline_name`: its label, when it is not "no <technique>"); in a learning curve, the
+    reference recipe's (name, points) test accuracy in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,7 +395,7 @@ def figure(
                 color=COLOURS[key],
                 ls="--",
                 lw=1,
-                label=f"{name}, baseline (no {t.name})",
+                label=f"{name}, {baseline_name or f'baseline (no {t.name})'}",
             )
             lowest = min(lowest, baseline.mean(key))
     if reference and reference[1]:
@@ -461,7 +463,8 @@ def write_report(plan: plans.Plan, by_name: dict, prefix: str, out_dir: Path, fo
             files.append(out_dir / f"{prefix}-path-{t.name}.png")
             first = plan.techniques[0]
             reference = None if plan.baseline or t is first else (first.name, paths[first.name])
-            figure(t, paths[t.name], baseline, chosen[t.name], files[-1], reference)
+            baseline_name = baseline_label(plan, t) if t.param in plan.regime else None
+            figure(t, paths[t.name], baseline, chosen[t.name], files[-1], reference, baseline_name)
     sio.write_text(report, text)
     sio.write_json(out_dir / f"{prefix}-chosen.json", chosen_json(plan, baseline, chosen))
     return [*files, report, out_dir / f"{prefix}-chosen.json"], baseline, paths
