@@ -96,8 +96,8 @@ def pending(status: str) -> int:
 def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10, jobs: int = 0) -> list[str]:
     """Until every task in `ours` ({task id: name}) has ended, printing a line for each as it
     ends; the names of those that failed. `dvc queue status` every `poll_seconds`, or sooner
-    when a task ends. With `jobs`, workers are started again while some of ours are queued and
-    fewer than `jobs` workers are left (keep_workers)."""
+    when a task ends. With `jobs`, workers are started again while some of ours are queued, fewer
+    than `jobs` workers are left and one of them has died (keep_workers)."""
     left, failed, missing = dict(ours), [], {}
     seen = ended_tasks()
     while left:
