@@ -69,14 +69,7 @@ def open_experiment(tracking_uri: str | None = None, experiment: str | None = No
 
 def table_rows(text: str) -> int:
     """The data rows of a Markdown text's tables (header and separator lines left out)."""
-    lines = [line.strip() for line in text.splitlines()]
-    rows = 0
-    for i, line in enumerate(lines):
-        if not line.startswith("|") or set(line) <= set("|-: "):
-            continue
-        is_header = i + 1 < len(lines) and lines[i + 1].startswith("|---")
-        rows += not is_header
-    return rows
+    return len(row_keys(text))
 
 
 def row_keys(text: str) -> list[str]:
@@ -127,7 +120,8 @@ def less_than_committed(path: Path, text: str, keyed: bool = False) -> str | Non
     old_rows, new_rows = table_rows(old), table_rows(text)
     if new_rows < old_rows:
         return f"{new_rows} table rows where the committed file has {old_rows}"
-    lost = [key for key in row_keys(old) if key not in set(row_keys(text))] if keyed else []
+    kept = set(row_keys(text))
+    lost = [key for key in row_keys(old) if key not in kept] if keyed else []
     if lost:
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
         return f"no row {lost[0]!r}{more} of the committed file"

@@ -242,12 +242,15 @@ def shown(point: Point, t: Technique) -> str:
     return f"{point.x:g}" if math.isfinite(point.x) else point.label
 
 
+def regime_strength(plan: plans.Plan, t: Technique) -> str | None:
+    """The regime's own strength of the technique's param, when the regime sets it (a path
+    around a tuned recipe: its points go up and down from there); else None."""
+    return plans.label(plan.regime[t.param]) if t.param in plan.regime else None
+
+
 def baseline_label(plan: plans.Plan, t: Technique) -> str:
-    """The baseline row of a technique: `none`, or the regime's own strength when the regime
-    sets the param (a path around a tuned recipe: its points go up and down from there)."""
-    if t.param in plan.regime:
-        return f"baseline ({plans.label(plan.regime[t.param])})"
-    return "baseline (none)"
+    """The baseline row of a technique: `none`, or the regime's own strength."""
+    return f"baseline ({regime_strength(plan, t) or 'none'})"
 
 
 def row_verdict(is_reference: bool, ref: Point | None, dtest: Difference | None) -> str:
@@ -311,8 +314,8 @@ def table(plan: plans.Plan, prefix: str, baseline: Point | None, paths: dict, ch
             lines.append(
                 "Chosen on validation: none of these strengths beats "
                 + (
-                    f"the regime's {t.param} = {plans.label(plan.regime[t.param])}"
-                    if t.param in plan.regime
+                    f"the regime's {t.param} = {strength}"
+                    if (strength := regime_strength(plan, t))
                     else "no regularization"
                 )
                 + f" on validation (baseline: validation {best.mean('validation'):.1f}%, "
@@ -463,7 +466,7 @@ def write_report(plan: plans.Plan, by_name: dict, prefix: str, out_dir: Path, fo
             files.append(out_dir / f"{prefix}-path-{t.name}.png")
             first = plan.techniques[0]
             reference = None if plan.baseline or t is first else (first.name, paths[first.name])
-            baseline_name = baseline_label(plan, t) if t.param in plan.regime else None
+            baseline_name = baseline_label(plan, t) if regime_strength(plan, t) else None
             figure(t, paths[t.name], baseline, chosen[t.name], files[-1], reference, baseline_name)
     sio.write_text(report, text)
     sio.write_json(out_dir / f"{prefix}-chosen.json", chosen_json(plan, baseline, chosen))
