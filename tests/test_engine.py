@@ -73,6 +73,7 @@ def test_a_failed_experiment_still_gets_the_table_then_one_error_line(tmp_path, 
     monkeypatch.setattr(engine.dvcqueue, "run", lambda todo, jobs, tool: ["q-dropout-s0"])
     reported = []
     monkeypatch.setattr(engine, "report", lambda *a: reported.append(a[1]) or True)
+    monkeypatch.setattr(engine, "finished_runs", lambda prefix, args: {"q-baseline-s0": "run"})
     compared = []
     monkeypatch.setattr(engine.subprocess, "run", lambda cmd, check: compared.append(cmd))
     with pytest.raises(SystemExit) as exit_:
@@ -80,6 +81,30 @@ def test_a_failed_experiment_still_gets_the_table_then_one_error_line(tmp_path, 
     assert str(exit_.value) == "error (engine): 1 experiment(s) failed: q-dropout-s0"
     assert reported == ["q"]
     assert compared[0][-3:] == ["q-baseline-s0", "--prefix", "q"]
+
+
+def test_a_pass_of_some_rows_adds_its_runs_to_the_comparison_of_the_earlier_passes(
+    tmp_path, monkeypatch
+):
+    """`--rows dropout` after a pass of the baseline: `<prefix>-comparison.md` shows every
+    finished run of the plan's rows under the prefix, row by row, not only this pass's (it
+    used to be written anew from this pass's runs, losing the earlier ones)."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    monkeypatch.setattr(plans, "check_committed_params", lambda: None)
+    argv = ["engine", "run", "--grid", "regularization", "--rows", "dropout", "--prefix", "q"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--seeds", "1"])
+    monkeypatch.setattr(engine.dvcqueue, "run", lambda todo, jobs, tool: [])
+    monkeypatch.setattr(engine, "report", lambda *a: True)
+    earlier_and_now = ["q-baseline-s0", "q-dropout-s1", "q-baseline-s1", "other-dropout-s1"]
+    monkeypatch.setattr(
+        engine, "finished_runs", lambda prefix, args: dict.fromkeys(earlier_and_now)
+    )
+    compared = []
+    monkeypatch.setattr(engine.subprocess, "run", lambda cmd, check: compared.append(cmd))
+    engine.main()
+    shown = compared[0][compared[0].index("--exps") + 1].split(",")
+    assert shown == ["q-baseline-s0", "q-baseline-s1", "q-dropout-s1"]
 
 
 def test_the_table_of_a_pass_under_other_names_or_another_plan_keeps_the_study_table():

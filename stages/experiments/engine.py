@@ -454,6 +454,16 @@ def finished_runs(prefix: str, args) -> dict:
     return reports.finished_runs(client, experiment_id, prefix) if experiment_id else {}
 
 
+def compared_runs(plan: plans.Plan, prefix: str, args) -> list[str]:
+    """The runs of a study's `<prefix>-comparison.md`, row by row: every finished run of the
+    plan's rows under the prefix, of this pass and of the earlier ones, as in its table. A pass
+    of some rows (`--rows`) adds its runs to the comparison instead of replacing the others'."""
+    seeds = sorted(set(plan.seeds) | set(args.seeds or ()))
+    finished = finished_runs(prefix, args)
+    names = (plans.exp_name(prefix, row, seed) for row in plan.rows for seed in seeds)
+    return [name for name in names if name in finished]
+
+
 def report(plan: plans.Plan, prefix: str, args) -> bool:
     """The plan's report from what finished; False, with one line saying why, when none was
     written (nothing finished, a committed report would shrink, the server is down)."""
@@ -536,10 +546,10 @@ def main() -> None:
     reported = report(plan, prefix, args)  # of what finished, even when some failed
     if args.command == "run" and plan.kind == "rows" and not args.without_dvc:
         # and the study's runs, one by one (from MLflow)
-        finished = [name for name, _ in todo if name not in failed]
-        if finished:
+        compared = compared_runs(plan, prefix, args)
+        if compared:
             compare = [sys.executable, "-m", "stages.experiments.compare", "--exps"]
-            subprocess.run([*compare, ",".join(finished), "--prefix", prefix], check=True)
+            subprocess.run([*compare, ",".join(compared), "--prefix", prefix], check=True)
     dvcqueue.exit_if_failed(failed, TOOL)
     if args.command == "report" and not reported:
         sys.exit(1)  # asked for a report, got none (the line above says why)
