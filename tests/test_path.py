@@ -230,6 +230,23 @@ def test_a_missing_seed_pairs_only_the_seeds_both_have(tmp_path, mlflow_store):
     assert cells[8] == "helps"
 
 
+def test_a_strength_with_fewer_seeds_is_chosen_against_the_baseline_on_the_seeds_both_have(
+    tmp_path, mlflow_store
+):
+    """The baseline has seeds 0-2 (validation 46, 40, 40%: mean 42), 1e-4 only seed 0 (44%).
+    Against the baseline's mean, the one seed would win; on seed 0, which both have, the
+    baseline does, and the report says which seeds the choice compared."""
+    runs = {
+        "baseline": [(0.9, 0.46, 0.40), (0.9, 0.40, 0.40), (0.9, 0.40, 0.40)],
+        "l2-0.0001": [(0.9, 0.44, 0.50)],
+    }
+    text = build(tmp_path, mlflow_store, l2_sweep(tmp_path, mlflow_store, runs=runs)).read_text()
+    chosen = json.loads((tmp_path / "reports/sw-chosen.json").read_text())["l2"]
+    assert chosen["baseline"] is True
+    assert "Compared on seeds 0, which every row has." in text
+    assert row(text, "**baseline (none) ✓**")[3] == "42.0 ± 3.5%"  # the table keeps every seed
+
+
 def test_one_seed_has_no_interval(tmp_path, mlflow_store):
     one_seed = {r: per_seed[:1] for r, per_seed in RUNS.items()}
     grid = l2_sweep(tmp_path, mlflow_store, runs=one_seed)
