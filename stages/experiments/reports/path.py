@@ -191,9 +191,8 @@ def verdict(d: Difference | None) -> str:
     return "helps" if d.mean > 0 else "hurts"
 
 
-def compared_seeds(points: list[Point], baseline: Point | None) -> set[int]:
-    """The seeds every candidate of a technique has, the baseline included."""
-    candidates = ([baseline] if baseline else []) + points
+def compared_seeds(candidates: list[Point]) -> set[int]:
+    """The seeds every candidate of a technique has (the baseline among them)."""
     return set.intersection(*(set(p.runs) for p in candidates))
 
 
@@ -204,7 +203,7 @@ def choose(points: list[Point], baseline: Point | None) -> Point:
     three, a different sample (a lucky seed would win); with none shared, each its own mean. The
     test set takes no part in it."""
     candidates = ([baseline] if baseline else []) + points
-    seeds = compared_seeds(points, baseline)
+    seeds = compared_seeds(candidates)
 
     def validation(p: Point) -> float:
         values = p.values("validation")
@@ -325,7 +324,7 @@ def table(plan: plans.Plan, prefix: str, baseline: Point | None, paths: dict, ch
         lines.append("")
         if best is None:
             continue
-        seeds = compared_seeds(points, baseline)
+        seeds = compared_seeds(rows)
         if seeds and any(set(p.runs) != seeds for p in rows):
             lines.append(
                 f"Compared on seeds {', '.join(map(str, sorted(seeds)))}, which every row has."
