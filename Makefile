@@ -1,7 +1,8 @@
 # make install: .venv with everything pinned in requirements.lock (idempotent)
 # make run:     install, then the whole pipeline (dvc repro) on the bundled CIFAR-10, then where
 #               its results are and the command that opens the MLflow UI on them
-# make test:    install, then the test suite
+# make test:    install, then the test suite, a file per worker on two workers (PYTEST_ARGS=
+#               runs it in one process; PYTEST_ARGS="-n 4" on a bigger machine)
 # make lint:    ruff's linter and formatter check (pinned in requirements.lock); make format fixes
 # make bench:   epoch speed of the source's loop, the pipeline and pure compute; stage start-up;
 #               the cost around each experiment and the queue's throughput
@@ -17,6 +18,8 @@
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# pytest-xdist: the suite's files on two processes, each file's tests in order on one of them.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 # DVC runs each stage as `python -m stages.<name>`: that python must be the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # No network access but the data download: no usage telemetry from MLflow.
@@ -36,7 +39,7 @@ run: install
 	python -m stages.tracking.summary
 
 test: install
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	ruff check .
