@@ -40,9 +40,10 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 @pytest.fixture(scope="session", autouse=True)
 def the_suite_shares_the_cores():
-    """The test suite counts as one process computing on this machine while it runs
-    (runtime.CoreShare): a training beside `make test` takes its share of the cores instead of
-    spinning against the tests' own work (docs/speed.md, "A shared machine")."""
+    """Each of the test suite's processes (one, or one per pytest-xdist worker) counts as one
+    process computing on this machine while it runs (runtime.CoreShare): a training beside
+    `make test` takes its share of the cores instead of spinning against the tests' own work
+    (docs/speed.md, "A shared machine")."""
     with CoreShare():
         yield
 
