@@ -387,13 +387,29 @@ def test_the_command_line_refuses_an_unknown_plan_in_one_line(monkeypatch):
     assert "\n" not in str(exit_.value)
 
 
-def test_a_pass_run_with_more_seeds_than_its_plan_reports_them_all(tmp_path, mlflow_store):
-    # `engine run --seeds 0,1,2` on a plan of seed 0: its report holds every seed it ran.
+def test_a_report_holds_every_seed_a_pass_ran_not_only_the_plans(tmp_path, mlflow_store):
+    # A plan of seed 0, after `engine run --seeds 1,2`: a later pass of the plan's own seed (or
+    # `engine report`) reports all three, rather than dropping the runs of seeds 1 and 2.
     grid = l2_sweep(tmp_path, mlflow_store)
     techniques = yaml.safe_load(open(grid))["techniques"]
     plan = plans.load(write_grid(tmp_path, seeds=[0], techniques=techniques))
     out = tmp_path / "reports"
-    one = path.build(plan, "sw", out, mlflow_store[0], "overfitting").read_text()
-    assert row(one, "baseline (none)")[1] == "1"
-    every = path.build(plan, "sw", out, mlflow_store[0], "overfitting", force=True, seeds=[1, 2])
-    assert row(every.read_text(), "baseline (none)")[1] == "3"
+    every = path.build(plan, "sw", out, mlflow_store[0], "overfitting", seeds=[1, 2]).read_text()
+    assert row(every, "baseline (none)")[1] == "3"
+    again = path.build(plan, "sw", out, mlflow_store[0], "overfitting").read_text()
+    assert row(again, "baseline (none)")[1] == "3"
+    assert again == every
+
+
+def test_the_seeds_of_a_report_are_read_from_the_plans_own_experiment_names():
+    plan = plans.load("finetune-cpu-path-5k")
+    names = [
+        "ftcpu-path-5k-baseline-s0",
+        "ftcpu-path-5k-l2-sp-0.01-s2",
+        "ftcpu-path-5k-epochs-4-s7",
+        "ftcpu-path-5k-nope-s5",  # not a row of the plan
+        "ftcpu-path-5k-seeds-baseline-s9",  # another prefix's pass, not this one's
+        "ftcpu-path-5k-t3-s4",  # a search's rerun under the same prefix
+    ]
+    assert plans.seeds_run(plan, "ftcpu-path-5k", names) == [0, 2, 7]
+    assert plans.seeds_run(plan, "ftcpu-path-5k", names, seeds=[3]) == [0, 2, 3, 7]

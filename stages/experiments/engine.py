@@ -458,8 +458,8 @@ def compared_runs(plan: plans.Plan, prefix: str, args) -> list[str]:
     """The runs of a study's `<prefix>-comparison.md`, row by row: every finished run of the
     plan's rows under the prefix, of this pass and of the earlier ones, as in its table. A pass
     of some rows (`--rows`) adds its runs to the comparison instead of replacing the others'."""
-    seeds = sorted(set(plan.seeds) | set(args.seeds or ()))
     finished = finished_runs(prefix, args)
+    seeds = plans.seeds_run(plan, prefix, finished, args.seeds)
     names = (plans.exp_name(prefix, row, seed) for row in plan.rows for seed in seeds)
     return [name for name in names if name in finished]
 

@@ -27,6 +27,7 @@ checked against the params schema here, before anything is queued.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,16 @@ def label(value) -> str:
 
 def exp_name(prefix: str, row: str, seed: int) -> str:
     return f"{prefix}-{row}-s{seed}"
+
+
+def seeds_run(plan: Plan, prefix: str, names, seeds=()) -> list[int]:
+    """The seeds a report of the plan covers: the plan's, a pass's `--seeds`, and every seed that
+    any pass ran for one of the plan's rows under the prefix (`<prefix>-<row>-s<seed>` among
+    `names`), so that a later pass with the plan's own seeds keeps the earlier passes' others."""
+    rows = "|".join(re.escape(row) for row in plan.rows)
+    pattern = re.compile(rf"{re.escape(prefix)}-(?:{rows})-s(\d+)")
+    ran = {int(m[1]) for name in names if (m := pattern.fullmatch(name))}
+    return sorted(set(plan.seeds) | set(seeds or ()) | ran)
 
 
 def trial_name(prefix: str, number: int) -> str:

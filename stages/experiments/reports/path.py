@@ -502,15 +502,16 @@ def build(
     seeds=None,
 ) -> Path:
     """Figures, table and chosen.json of a path, logged to its MLflow parent run; returns the
-    table's path. The runs of every seed of the plan, and `seeds` (a pass run with `--seeds`).
-    `experiment` and `tracking_uri` default to params.yaml's (mlflow section)."""
-    plan = replace(plan, seeds=tuple(sorted(set(plan.seeds) | set(seeds or ()))))
+    table's path. The runs of every seed of the plan, of `seeds` (a pass run with `--seeds`) and
+    of any earlier pass (plans.seeds_run). `experiment` and `tracking_uri` default to
+    params.yaml's (mlflow section)."""
     client, experiment_id, experiment, tracking_uri = reports.open_experiment(
         tracking_uri, experiment
     )
     if experiment_id is None:
         raise ParamsError(f"no MLflow experiment {experiment!r} in {tracking_uri}")
     by_name = reports.finished_runs(client, experiment_id, prefix)
+    plan = replace(plan, seeds=tuple(plans.seeds_run(plan, prefix, by_name, seeds)))
     if not by_name:
         raise ParamsError(
             f"no finished run of plan {plan.name!r} named {prefix}-<technique>-<value>-s<seed> "

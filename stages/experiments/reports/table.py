@@ -99,13 +99,14 @@ def build(
     tracking_uri: str | None = None,
     experiment: str | None = None,
 ) -> Path:
-    """The table of the plan's rows (every seed of the plan, and `seeds`) from MLflow, logged to
-    the pass's parent run; its path. ParamsError (one line) when nothing was written."""
+    """The table of the plan's rows (every seed of the plan, of `seeds` and of any earlier pass:
+    plans.seeds_run) from MLflow, logged to the pass's parent run; its path. ParamsError (one
+    line) when nothing was written."""
     client, experiment_id, experiment, tracking_uri = reports.open_experiment(
         tracking_uri, experiment
     )
     by_name = reports.finished_runs(client, experiment_id, prefix) if experiment_id else {}
-    by_row = found(plan, by_name, prefix, sorted(set(plan.seeds) | set(seeds or ())))
+    by_row = found(plan, by_name, prefix, plans.seeds_run(plan, prefix, by_name, seeds))
     if not by_row:
         raise ParamsError(
             f"no finished run of plan {plan.name!r} named {prefix}-… in experiment "
