@@ -255,6 +255,30 @@ def test_a_running_task_missing_from_one_listing_is_not_taken_for_finished(monke
         next(listings)
 
 
+def test_a_running_task_whose_worker_is_gone_is_reported_lost_not_waited_for(
+    tmp_path, monkeypatch, capsys
+):
+    """Seen here: a queue worker stopped "due to empty queue" while DVC still listed our task
+    Running; the wait waited for ever. With no worker left for ORPHAN_LISTINGS listings in a
+    row, the task counts as failed, in one line that says what to do."""
+    workerless = STATUS.format(a="Success", b="Running").replace("1 active", "0 active")
+    listings = iter([STATUS.format(a="Success", b="Running")] + [workerless] * 5)
+    monkeypatch.setattr(dvcqueue, "queue_status", lambda: next(listings))
+    monkeypatch.setattr(dvcqueue, "result_line", lambda name: "test accuracy 41.0%, 1.5 min")
+    monkeypatch.chdir(tmp_path)  # no pid files: no worker alive either
+    failed = dvcqueue.wait({"c62c203": "p-a-s0", "4fb4e8a": "p-b-s0"}, "sweep", poll_seconds=0)
+    assert failed == ["p-b-s0"]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "sweep: [1/2] p-a-s0: test accuracy 41.0%, 1.5 min"
+    assert out[1].startswith("sweep: [2/2] p-b-s0 LOST: DVC lists it Running but no queue worker")
+    assert len(list(listings)) == 5 - dvcqueue.ORPHAN_LISTINGS  # not one listing before
+    # a worker whose pid file names a live process keeps the task waited for
+    (tmp_path / dvcqueue.WORKERS).mkdir(parents=True)
+    (tmp_path / dvcqueue.WORKERS / "dvc-exp-worker-1.pid").write_text(str(os.getpid()))
+    (tmp_path / dvcqueue.WORKERS / "dvc-exp-worker-2.pid").write_text("999999999")
+    assert dvcqueue.live_workers() == [os.getpid()]
+
+
 @pytest.mark.parametrize("why", [ParamsError("no finished run"), MlflowException("server down")])
 def test_a_report_that_cannot_be_built_is_one_line(monkeypatch, capsys, why):
     from argparse import Namespace

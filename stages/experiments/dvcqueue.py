@@ -10,6 +10,7 @@ non-zero.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +24,9 @@ from stages.runtime import repo_root
 WORKERS = Path(".dvc/tmp/exps/celery")  # where DVC's queue workers write their logs
 RESULTS = WORKERS / "result"  # a file per task that has ended (celery's result backend)
 ENDED = ("Success", "Failed")  # the `dvc queue status` states a task doesn't leave
+# Listings in a row that show one of ours Running with no worker left before it counts as lost
+# (a worker still starting is not listed yet; one listing can be taken mid-change).
+ORPHAN_LISTINGS = 3
 
 
 def run(experiments: list[tuple[str, dict]], jobs: int, tool: str) -> list[str]:
@@ -97,14 +101,19 @@ def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10, jobs: int = 
     """Until every task in `ours` ({task id: name}) has ended, printing a line for each as it
     ends; the names of those that failed. `dvc queue status` every `poll_seconds`, or sooner
     when a task ends. With `jobs`, workers are started again while some of ours are queued, fewer
-    than `jobs` workers are left and one of them has died (keep_workers)."""
+    than `jobs` workers are left and one of them has died (keep_workers). A task still listed
+    Running after its worker has gone (ORPHAN_LISTINGS listings without a worker, listed or
+    alive; seen here: a
+    worker stopped "due to empty queue" while running a restored experiment) counts as failed,
+    instead of being waited for for ever."""
     left, failed, missing = dict(ours), [], {}
-    seen = ended_tasks()
+    seen, workerless = ended_tasks(), 0
     while left:
         sleep_until_a_task_ends(poll_seconds, seen)
         seen = ended_tasks()  # before the listing: a task ending during it wakes the next sleep
         status = queue_status()
         now, listed_at = tasks(status), time.monotonic()
+        workerless = workerless + 1 if workers(status) == 0 and not live_workers() else 0
         if jobs:
             keep_workers(
                 status,
@@ -123,11 +132,20 @@ def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10, jobs: int = 
                 state = "Success"  # gone from the listings for a whole poll: DVC collected it
             else:
                 continue
-            if state not in ENDED:
+            if state == "Running" and workerless >= ORPHAN_LISTINGS:
+                state = "Lost"  # its worker stopped under it: nothing will end it (orphaned)
+            if state not in (*ENDED, "Lost"):
                 continue
             del left[task]
             done = len(ours) - len(left)
-            if state == "Failed":
+            if state == "Lost":
+                failed.append(name)
+                print(
+                    f"{tool}: [{done}/{len(ours)}] {name} LOST: DVC lists it Running but no queue "
+                    "worker is left to end it; run the command again (DVC restores what finished)",
+                    flush=True,
+                )
+            elif state == "Failed":
                 failed.append(name)
                 print(
                     f"{tool}: [{done}/{len(ours)}] {name} FAILED: {first_error(name)}", flush=True
@@ -227,6 +245,22 @@ def report_dead_workers(tool: str) -> None:
             "the other workers ran its share",
             flush=True,
         )
+
+
+def live_workers(repo: Path = Path(".")) -> list[int]:
+    """The pids of queue workers still alive, from their pid files (a worker that stopped leaves
+    its file): a second witness beside the listing, whose count a slow ping can miss."""
+    alive = []
+    for pid_file in (repo / WORKERS).glob("dvc-exp-worker-*.pid"):
+        try:
+            pid = int(pid_file.read_text().strip())
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            continue
+        except PermissionError:
+            pass  # it exists, under another user
+        alive.append(pid)
+    return alive
 
 
 def workers_that_died_starting(repo: Path = Path(".")) -> list[int]:
