@@ -103,9 +103,8 @@ def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10, jobs: int = 
     when a task ends. With `jobs`, workers are started again while some of ours are queued, fewer
     than `jobs` workers are left and one of them has died (keep_workers). A task still listed
     Running after its worker has gone (ORPHAN_LISTINGS listings without a worker, listed or
-    alive; seen here: a
-    worker stopped "due to empty queue" while running a restored experiment) counts as failed,
-    instead of being waited for for ever."""
+    alive; seen here: a worker stopped "due to empty queue" while running a restored
+    experiment) counts as failed, instead of being waited for for ever."""
     left, failed, missing = dict(ours), [], {}
     seen, workerless = ended_tasks(), 0
     while left:
