@@ -1,8 +1,8 @@
 # make install: .venv with everything pinned in requirements.lock (idempotent)
 # make run:     install, then the whole pipeline (dvc repro) on the bundled CIFAR-10, then where
 #               its results are and the command that opens the MLflow UI on them
-# make test:    install, then the test suite, a file per worker on two workers (PYTEST_ARGS=
-#               runs it in one process; PYTEST_ARGS="-n 4" on a bigger machine)
+# make test:    install, then the test suite, its files shared between two pytest processes
+#               (PYTEST_ARGS= runs it in one; PYTEST_ARGS="-n 4" on a bigger machine)
 # make lint:    ruff's linter and formatter check (pinned in requirements.lock); make format fixes
 # make bench:   epoch speed of the source's loop, the pipeline and pure compute; stage start-up;
 #               the cost around each experiment and the queue's throughput

@@ -272,7 +272,7 @@ def test_a_running_task_whose_worker_is_gone_is_reported_lost_not_waited_for(
     assert out[0] == "sweep: [1/2] p-a-s0: test accuracy 41.0%, 1.5 min"
     assert out[1].startswith("sweep: [2/2] p-b-s0 LOST: DVC lists it Running but no queue worker")
     assert len(list(listings)) == 5 - dvcqueue.ORPHAN_LISTINGS  # not one listing before
-    # a worker whose pid file names a live process keeps the task waited for
+    # live_workers reads the workers' pid files: a live process counts, a dead pid does not
     (tmp_path / dvcqueue.WORKERS).mkdir(parents=True)
     (tmp_path / dvcqueue.WORKERS / "dvc-exp-worker-1.pid").write_text(str(os.getpid()))
     (tmp_path / dvcqueue.WORKERS / "dvc-exp-worker-2.pid").write_text("999999999")

@@ -27,6 +27,10 @@ ENDED = ("Success", "Failed")  # the `dvc queue status` states a task doesn't le
 # Listings in a row that show one of ours Running with no worker left before it counts as lost
 # (a worker still starting is not listed yet; one listing can be taken mid-change).
 ORPHAN_LISTINGS = 3
+LOST = (
+    "DVC lists it Running but no queue worker is left to end it; "
+    "run the command again (DVC restores what finished)"
+)
 
 
 def run(experiments: list[tuple[str, dict]], jobs: int, tool: str) -> list[str]:
@@ -137,18 +141,10 @@ def wait(ours: dict[str, str], tool: str, poll_seconds: float = 10, jobs: int = 
                 continue
             del left[task]
             done = len(ours) - len(left)
-            if state == "Lost":
+            if state in ("Failed", "Lost"):
                 failed.append(name)
-                print(
-                    f"{tool}: [{done}/{len(ours)}] {name} LOST: DVC lists it Running but no queue "
-                    "worker is left to end it; run the command again (DVC restores what finished)",
-                    flush=True,
-                )
-            elif state == "Failed":
-                failed.append(name)
-                print(
-                    f"{tool}: [{done}/{len(ours)}] {name} FAILED: {first_error(name)}", flush=True
-                )
+                why = LOST if state == "Lost" else first_error(name)
+                print(f"{tool}: [{done}/{len(ours)}] {name} {state.upper()}: {why}", flush=True)
             else:
                 print(f"{tool}: [{done}/{len(ours)}] {name}: {result_line(name)}", flush=True)
     return failed
